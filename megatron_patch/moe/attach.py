@@ -1,0 +1,97 @@
+"""Attach a per-token-mean MoE loss to the autograd graph the way megatron-core attaches its aux losses.
+
+Convention (identical to megatron-core's ``aux_loss``/``z_loss``): each rank holds a slice of a
+micro-batch's tokens (sequence parallel splits over TP, context parallel over CP). A rank attaches
+``coeff * local_sum / global_count`` where ``global_count`` is summed over the TP x CP group, so
+the attached terms of the TP x CP ranks add up to ``coeff * mean`` over the micro-batch. Data
+parallel ranks hold different micro-batches and DDP averages their gradients, as it does for the
+language-model loss. The gradient is injected with ``MoEAuxLossAutoScaler``, whose backward scale
+the training loop sets per step (loss scale / number of micro-batches), so it is scaled exactly
+like megatron-core's aux losses.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    save_to_aux_losses_tracker,
+)
+
+
+def global_count(
+    local_count: Union[int, torch.Tensor],
+    group: Optional[dist.ProcessGroup],
+    device: torch.device,
+    *,
+    uniform: bool,
+) -> torch.Tensor:
+    """Number of items summed over ``group``.
+
+    Args:
+        local_count: this rank's count.
+        group: the process group to sum over (TP x CP for per-micro-batch statistics).
+        device: device of the returned scalar.
+        uniform: True when every rank of ``group`` is known to hold the same count; then the sum
+            is ``local_count * group size`` and no collective runs.
+
+    Returns:
+        float32 scalar tensor.
+    """
+    count = torch.as_tensor(local_count, dtype=torch.float32, device=device)
+    size = 1 if group is None else dist.get_world_size(group)
+    if size == 1:
+        return count
+    if uniform:
+        return count * size
+    count = count.clone()
+    dist.all_reduce(count, group=group)
+    return count
+
+
+def attach_mean_loss(
+    activation: torch.Tensor,
+    *,
+    local_sum: torch.Tensor,
+    count: torch.Tensor,
+    coeff: torch.Tensor,
+    name: str,
+    layer_number: Optional[int],
+    num_layers: int,
+    reduce_group: Optional[dist.ProcessGroup],
+    attach: bool,
+    per_token_loss_tokens: Optional[Union[int, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Log ``local_sum / count`` under ``name`` and attach ``coeff`` times it to ``activation``.
+
+    Args:
+        activation: tensor the loss rides on; returned unchanged in value.
+        local_sum: scalar, this rank's sum of the per-item loss (with its graph).
+        count: scalar, the item count summed over ``reduce_group`` (see ``global_count``).
+        coeff: scalar coefficient tensor (a module buffer, so checkpoints carry it).
+        name: tracker name, e.g. ``"ortho_loss"``.
+        layer_number: 1-based global layer number for per-layer logging; None skips logging.
+        num_layers: number of layers of the model (tracker vector length).
+        reduce_group: group whose partial values sum to the micro-batch mean (TP x CP); the
+            tracker also averages over DP when it is reduced for logging.
+        attach: False records the value only (evaluation statistics, coefficient calibration).
+        per_token_loss_tokens: with ``calculate_per_token_loss`` megatron divides gradients by
+            the token count later, so the attached loss is multiplied by this rank's tokens,
+            as megatron-core does for its aux losses.
+
+    Returns:
+        ``activation``, with the loss attached when ``attach`` is True.
+    """
+    value = local_sum / count.clamp(min=1.0)
+    save_to_aux_losses_tracker(
+        name, value, layer_number, num_layers, reduce_group=reduce_group
+    )
+    if not attach:
+        return activation
+    loss = value * coeff.to(value.dtype)
+    if per_token_loss_tokens is not None:
+        loss = loss * per_token_loss_tokens
+    return MoEAuxLossAutoScaler.apply(activation, loss)

@@ -1,0 +1,63 @@
+"""Alltoall token dispatcher that returns unweighted expert outputs to the token's owner.
+
+megatron-core 0.16.1 multiplies the gate probability into the expert activation before fc2, so the
+rows that travel back through combine are already weighted. The orthogonality loss needs the
+unweighted outputs, without a gradient path into the router. This dispatcher hands the experts
+unit gates, and applies the real gates on the owner rank after the combine all-to-all, just before
+megatron-core's un-permutation; for experts without fc2 bias (and with it, since megatron scales
+the fc2 bias by the gate too) the layer output is the same function as megatron-core's.
+Communication is unchanged: no collective is added.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from megatron_patch.moe.grouping import group_rows_by_token
+
+
+class UnweightedCombineAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
+    """MoEAlltoAllTokenDispatcher whose combine output rows are the experts' unweighted outputs.
+
+    Between ``token_combine`` and ``combine_postprocess`` the caller holds, on the rank that owns
+    the tokens, one row per (token, routed expert) in this rank's permuted order. It may read
+    them grouped by token with ``group_by_token`` and must weight them with ``apply_gates``.
+    """
+
+    def dispatch_preprocess(
+        self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
+    ):
+        tokens, permuted_probs = super().dispatch_preprocess(hidden_states, routing_map, probs)
+        # [N] gates of this rank's permuted rows, in the order token_combine returns them.
+        self.local_permuted_probs = permuted_probs
+        return tokens, permuted_probs
+
+    def dispatch_postprocess(self, global_input_tokens, global_probs):
+        tokens, tokens_per_expert, expert_probs = super().dispatch_postprocess(
+            global_input_tokens, global_probs
+        )
+        return tokens, tokens_per_expert, torch.ones_like(expert_probs)
+
+    def apply_gates(self, rows: torch.Tensor) -> torch.Tensor:
+        """Multiply the combined rows [N, H] by their gate probabilities (owner rank)."""
+        gates = self.local_permuted_probs.unsqueeze(-1)
+        return (rows * gates).to(rows.dtype)
+
+    def group_by_token(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Regroup the combined rows [N, H] into [T_local, k, H] by owning token.
+
+        Returns:
+            (grouped [T_local, k, H], number of real (non-padding) rows as an int64 scalar).
+        """
+        row_to_token = self.reversed_local_input_permutation_mapping
+        num_tokens = self.hidden_shape_before_permute[0]
+        valid = None
+        if self.drop_and_pad:
+            # Padded to capacity: the router's routing map marks `capacity` tokens per expert,
+            # filling up with tokens that did not select the expert; megatron gives those
+            # pairs gate 0 (so they add nothing to the output). They are not slots of L_o.
+            valid = self.local_permuted_probs > 0
+        return group_rows_by_token(
+            rows, row_to_token, num_tokens, self.config.moe_router_topk, valid=valid
+        )

@@ -1,0 +1,109 @@
+"""MoELayer with the orthogonality loss L_o on each token's unweighted expert outputs."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+from megatron_patch.moe.attach import attach_mean_loss, global_count
+from megatron_patch.moe.coefficients import (
+    ORTHO_LOSS_NAME,
+    check_calibrated,
+    initial_coefficient,
+    is_recording_only,
+)
+from megatron_patch.moe.config import SpecializationConfig
+from megatron_patch.moe.dispatcher import UnweightedCombineAlltoAllDispatcher
+from megatron_patch.moe.losses import orthogonality_loss_per_slot
+
+
+class SpecializationMoELayer(MoELayer):
+    """megatron-core's MoELayer plus ``beta * L_o``.
+
+    With L_o enabled the alltoall dispatcher is replaced by ``UnweightedCombineAlltoAllDispatcher``:
+    after the combine all-to-all the owner rank holds each token's k unweighted expert outputs,
+    regroups them into [T_local, k, H], computes the per-slot penalties, attaches
+    ``beta * sum / count`` (count summed over TP x CP) to the rows with ``MoEAuxLossAutoScaler``,
+    and only then applies the gates. The loss therefore trains the experts (and the layers below
+    them) and has no gradient path into the router. With L_o disabled this is exactly MoELayer.
+    """
+
+    def __init__(
+        self,
+        config: SpecializationConfig,
+        submodules: Optional[MoESubmodules] = None,
+        layer_number: Optional[int] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        super().__init__(
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            pg_collection=pg_collection,
+        )
+        self.tp_cp_group = pg_collection.tp_cp
+        self.register_buffer(
+            "ortho_loss_coeff",
+            initial_coefficient(config.moe_ortho_loss_coeff, self.router.weight.device),
+        )
+        self._coeff_checked = False
+        if config.ortho_loss_enabled:
+            self.token_dispatcher = UnweightedCombineAlltoAllDispatcher(
+                self.num_local_experts,
+                self.local_expert_indices,
+                config=self.config,
+                pg_collection=pg_collection,
+            )
+            if self.use_shared_expert and self.shared_expert_overlap:
+                self.token_dispatcher.set_shared_experts(self.shared_experts)
+
+    def _ortho_loss_active(self) -> bool:
+        return is_recording_only() or (self.training and torch.is_grad_enabled())
+
+    def combine(self, output: torch.Tensor) -> torch.Tensor:
+        """Combine all-to-all, then L_o on the unweighted rows, then the gates.
+
+        Args:
+            output: [N_expert_rows, H] expert outputs on the expert rank.
+
+        Returns:
+            [N_local_rows, H] gate-weighted rows on the owner rank, in its permuted order.
+        """
+        rows = super().combine(output)
+        if not self.config.ortho_loss_enabled:
+            return rows
+        if self._ortho_loss_active():
+            rows = self._attach_ortho_loss(rows)
+        return self.token_dispatcher.apply_gates(rows)
+
+    def _attach_ortho_loss(self, rows: torch.Tensor) -> torch.Tensor:
+        attach = not is_recording_only()
+        if attach and not self._coeff_checked:
+            check_calibrated(self.ortho_loss_coeff, "--moe-ortho-loss-coeff")
+            self._coeff_checked = True
+        grouped, num_slots = self.token_dispatcher.group_by_token(rows)
+        per_slot = orthogonality_loss_per_slot(
+            grouped, form=self.config.moe_ortho_loss_form, eps=self.config.moe_ortho_loss_eps
+        )
+        num_tokens = grouped.shape[0]
+        dropless = self.config.moe_expert_capacity_factor is None
+        count = global_count(num_slots, self.tp_cp_group, rows.device, uniform=dropless)
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        return attach_mean_loss(
+            rows,
+            local_sum=per_slot.sum(),
+            count=count,
+            coeff=self.ortho_loss_coeff,
+            name=ORTHO_LOSS_NAME,
+            layer_number=self.layer_number,
+            num_layers=num_layers,
+            reduce_group=self.tp_cp_group,
+            attach=attach,
+            per_token_loss_tokens=num_tokens if self.config.calculate_per_token_loss else None,
+        )

@@ -1,0 +1,170 @@
+"""Expert-specialization losses of arXiv 2505.22323, in pure torch (no megatron imports).
+
+Both losses are per-token quantities averaged over tokens. The distributed code in this package
+needs the per-token (or per-slot) *sums* so it can all-reduce sums and counts rather than means;
+the `*_per_token` functions return them, and the scalar functions are their local means.
+
+Orthogonality loss L_o
+    For token t with the unweighted outputs x_1..x_k of its k routed experts (rows of
+    ``expert_outputs[t]``, shape [k, H]) and Gram matrix G = X X^T (k x k):
+
+    * ``span`` form (the authors' released code): for each slot i, the squared norm of the
+      projection of x_i onto span{x_j : j != i}, i.e. g_i^T (G_{-i} + eps I)^{-1} g_i with
+      g_i = G[-i, i] and G_{-i} the Gram matrix of the other k-1 outputs.
+    * ``pairwise`` form (the paper's Eq. 6): sum over j != i of
+      || <x_i, x_j> / (<x_j, x_j> + eps) x_j ||^2 = G_ij^2 G_jj / (G_jj + eps)^2.
+
+    L_o is the sum over tokens and slots divided by the number of slots (T * k). Everything is a
+    function of G, which is computed in float32 (float64 input stays float64); the (k-1) x (k-1)
+    solves of the span form run in float64 so duplicated outputs (a singular G_{-i}) stay
+    accurate. A zero row contributes nothing and does not change the other slots' values, so
+    padded or dropped slots may be filled with zeros as long as they are not counted.
+
+Variance loss L_v
+    ``-mean_t Var_e(s_t)`` over the routing scores s_t of all E experts, with torch.var's
+    default (unbiased) convention.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+OrthoForm = Literal["span", "pairwise"]
+ORTHO_FORMS: tuple[str, ...] = ("span", "pairwise")
+
+
+def gram_matrices(expert_outputs: torch.Tensor) -> torch.Tensor:
+    """Per-token Gram matrices.
+
+    Args:
+        expert_outputs: [T, k, H] expert outputs, any floating dtype.
+
+    Returns:
+        [T, k, k] G_t = X_t X_t^T in float32 (float64 if the input is float64).
+    """
+    compute_dtype = torch.float64 if expert_outputs.dtype == torch.float64 else torch.float32
+    x = expert_outputs.to(compute_dtype)
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def _others_index(k: int, device: torch.device) -> torch.Tensor:
+    """[k, k-1] index: row i lists the slots j != i in increasing order."""
+    full = torch.arange(k, device=device).expand(k, k)
+    keep = ~torch.eye(k, dtype=torch.bool, device=device)
+    return full[keep].view(k, k - 1)
+
+
+def span_projection_norms(gram: torch.Tensor, eps: float) -> torch.Tensor:
+    """Squared norms of each slot's projection onto the span of the token's other slots.
+
+    Args:
+        gram: [T, k, k] per-token Gram matrices.
+        eps: ridge added to the diagonal of the other slots' Gram matrix.
+
+    Returns:
+        [T, k] values g_i^T (G_{-i} + eps I)^{-1} g_i, in the dtype of ``gram``.
+    """
+    num_tokens, k, _ = gram.shape
+    if k == 1:
+        # Nothing to project onto; keep the result attached to the graph (zero gradient).
+        return gram.diagonal(dim1=1, dim2=2) * 0.0
+    others = _others_index(k, gram.device)
+    g64 = gram.to(torch.float64)
+    # [T, k, k-1, k-1]: the Gram matrix of the slots other than i, for each i.
+    g_others = g64[:, others.unsqueeze(-1), others.unsqueeze(-2)]
+    g_others = g_others + eps * torch.eye(k - 1, dtype=g64.dtype, device=g64.device)
+    # [T, k, k-1]: inner products of slot i with the other slots.
+    g_cross = torch.gather(g64, 2, others.unsqueeze(0).expand(num_tokens, k, k - 1))
+    coeffs = torch.linalg.solve(g_others, g_cross.unsqueeze(-1)).squeeze(-1)
+    return (g_cross * coeffs).sum(-1).to(gram.dtype)
+
+
+def pairwise_projection_norms(gram: torch.Tensor, eps: float) -> torch.Tensor:
+    """Eq. 6 of the paper, per slot: sum_{j != i} G_ij^2 G_jj / (G_jj + eps)^2.
+
+    Args:
+        gram: [T, k, k] per-token Gram matrices.
+        eps: added to <x_j, x_j> in the denominator.
+
+    Returns:
+        [T, k] per-slot values.
+    """
+    diag = torch.diagonal(gram, dim1=1, dim2=2)  # [T, k]
+    weight = diag / (diag + eps).square()  # [T, k], indexed by j
+    off_diag = ~torch.eye(gram.shape[-1], dtype=torch.bool, device=gram.device)
+    terms = gram.square() * weight.unsqueeze(1) * off_diag
+    return terms.sum(-1)
+
+
+def orthogonality_loss_per_slot(
+    expert_outputs: torch.Tensor, *, form: OrthoForm = "span", eps: float = 1e-6
+) -> torch.Tensor:
+    """Per-slot orthogonality penalties.
+
+    Args:
+        expert_outputs: [T, k, H] unweighted outputs of each token's k routed experts; unused
+            slots must be zero rows.
+        form: ``"span"`` or ``"pairwise"``.
+        eps: regularizer (see module docstring).
+
+    Returns:
+        [T, k] float32 (float64 for float64 input) per-slot values, >= 0.
+    """
+    if expert_outputs.dim() != 3:
+        raise ValueError(
+            f"expert_outputs must be [T, k, H], got shape {tuple(expert_outputs.shape)}"
+        )
+    if form not in ORTHO_FORMS:
+        raise ValueError(f"unknown orthogonality loss form {form!r}; choose one of {ORTHO_FORMS}")
+    gram = gram_matrices(expert_outputs)
+    if form == "span":
+        return span_projection_norms(gram, eps)
+    return pairwise_projection_norms(gram, eps)
+
+
+def orthogonality_loss(
+    expert_outputs: torch.Tensor, *, form: OrthoForm = "span", eps: float = 1e-6
+) -> torch.Tensor:
+    """L_o: mean over the T * k slots of the per-slot penalty.
+
+    Args:
+        expert_outputs: [T, k, H] unweighted expert outputs, token-major.
+        form: ``"span"`` (released code) or ``"pairwise"`` (paper Eq. 6).
+        eps: regularizer.
+
+    Returns:
+        Scalar tensor (float32, or float64 for float64 input). 0 for k = 1 or T = 0.
+    """
+    per_slot = orthogonality_loss_per_slot(expert_outputs, form=form, eps=eps)
+    if per_slot.numel() == 0:
+        return per_slot.sum()
+    return per_slot.mean()
+
+
+def routing_variance_per_token(scores: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of each token's routing scores across experts.
+
+    Args:
+        scores: [T, E] routing scores of all experts (before top-k).
+
+    Returns:
+        [T] float32 (float64 for float64 input) variances.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [T, E], got shape {tuple(scores.shape)}")
+    compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    return torch.var(scores.to(compute_dtype), dim=-1)
+
+
+def variance_loss(scores: torch.Tensor) -> torch.Tensor:
+    """L_v = -mean_t Var_e(scores[t]).
+
+    Args:
+        scores: [T, E] routing scores.
+
+    Returns:
+        Scalar tensor.
+    """
+    return -routing_variance_per_token(scores).mean()

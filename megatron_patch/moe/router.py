@@ -1,0 +1,112 @@
+"""TopKRouter with the variance loss L_v on the routing scores of all experts."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_patch.moe.attach import attach_mean_loss, global_count
+from megatron_patch.moe.coefficients import (
+    VAR_LOSS_NAME,
+    check_calibrated,
+    initial_coefficient,
+    is_recording_only,
+)
+from megatron_patch.moe.config import SpecializationConfig
+from megatron_patch.moe.losses import routing_variance_per_token
+
+
+def routing_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
+    """Scores of all experts before top-k, in float32.
+
+    Args:
+        logits: [T, E] router logits.
+        score_function: ``"softmax"`` (probabilities over experts) or ``"sigmoid"`` (the
+            per-expert gates, before top-k normalization and without the expert bias).
+
+    Returns:
+        [T, E] float32 scores.
+    """
+    if score_function == "softmax":
+        return torch.softmax(logits, dim=-1, dtype=torch.float32)
+    if score_function == "sigmoid":
+        return torch.sigmoid(logits.float())
+    raise ValueError(f"unsupported score function {score_function!r}")
+
+
+class SpecializationRouter(TopKRouter):
+    """megatron-core's TopKRouter plus ``gamma * L_v``, L_v = -mean_t Var_e(scores_t).
+
+    Everything megatron-core's router does (aux / seq-aux / global-aux loss, z-loss, expert bias,
+    token dropping) runs unchanged in ``super().routing``; L_v is computed from the same logits
+    and attached to the returned probabilities with ``MoEAuxLossAutoScaler``, like the aux loss.
+    Its gradient reaches only the router (and upstream layers), never expert weights.
+
+    Reduction: the mean over a micro-batch's tokens; this rank's partial sum is divided by the
+    token count summed over TP x CP (see ``megatron_patch.moe.attach``).
+    """
+
+    def __init__(
+        self, config: SpecializationConfig, pg_collection: Optional[ProcessGroupCollection] = None
+    ) -> None:
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.register_buffer(
+            "var_loss_coeff", initial_coefficient(config.moe_var_loss_coeff, self.weight.device)
+        )
+        self._coeff_checked = False
+
+    def _var_loss_active(self) -> bool:
+        if not self.config.var_loss_enabled:
+            return False
+        return is_recording_only() or (self.training and torch.is_grad_enabled())
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Top-k routing (megatron-core) with L_v attached to the returned probs.
+
+        Args:
+            logits: [S, B, E] router logits.
+            padding_mask: optional [S, B] bool mask, True for padding tokens (megatron-core's
+                convention inside ``routing``); padding tokens do not count.
+
+        Returns:
+            (probs [S*B, E], routing_map [S*B, E]) as megatron-core's TopKRouter.
+        """
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if not self._var_loss_active():
+            return probs, routing_map
+        attach = not is_recording_only()
+        if attach and not self._coeff_checked:
+            check_calibrated(self.var_loss_coeff, "--moe-var-loss-coeff")
+            self._coeff_checked = True
+
+        flat_logits = logits.reshape(-1, self.config.num_moe_experts)
+        variances = routing_variance_per_token(
+            routing_scores(flat_logits, self.score_function)
+        )
+        if padding_mask is None:
+            local_tokens = variances.numel()
+            local_sum = -variances.sum()
+        else:
+            valid = ~padding_mask.reshape(-1)
+            local_tokens = valid.sum()
+            local_sum = -(variances * valid).sum()
+        count = global_count(
+            local_tokens, self.tp_cp_group, variances.device, uniform=padding_mask is None
+        )
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        probs = attach_mean_loss(
+            probs,
+            local_sum=local_sum,
+            count=count,
+            coeff=self.var_loss_coeff,
+            name=VAR_LOSS_NAME,
+            layer_number=self.layer_number,
+            num_layers=num_layers,
+            reduce_group=self.tp_cp_group,
+            attach=attach,
+            per_token_loss_tokens=local_tokens if self.calculate_per_token_loss else None,
+        )
+        return probs, routing_map

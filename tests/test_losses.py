@@ -1,0 +1,157 @@
+"""The specialization losses against independent naive references (explicit loops)."""
+
+import pytest
+import torch
+
+from megatron_patch.moe.losses import (
+    orthogonality_loss,
+    orthogonality_loss_per_slot,
+    variance_loss,
+)
+
+
+def naive_span(expert_outputs: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
+    """Gram-Schmidt per token and slot: squared norm of x_i's projection onto span(others)."""
+    x = expert_outputs.double()
+    num_tokens, k, _ = x.shape
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(num_tokens):
+        for i in range(k):
+            basis = []
+            for j in range(k):
+                if j == i:
+                    continue
+                v = x[t, j].clone()
+                for q in basis:
+                    v = v - torch.dot(q, v) * q
+                norm = v.norm()
+                if norm > tol * max(1.0, x[t, j].norm().item()):
+                    basis.append(v / norm)
+            total = total + sum((torch.dot(q, x[t, i]) ** 2 for q in basis), torch.zeros(()))
+    return total / (num_tokens * k)
+
+
+def naive_pairwise(expert_outputs: torch.Tensor, eps: float) -> torch.Tensor:
+    """The literal Eq. 6 double sum."""
+    x = expert_outputs.double()
+    num_tokens, k, _ = x.shape
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(num_tokens):
+        for i in range(k):
+            for j in range(k):
+                if i == j:
+                    continue
+                coef = torch.dot(x[t, i], x[t, j]) / (torch.dot(x[t, j], x[t, j]) + eps)
+                total = total + (coef * x[t, j]).square().sum()
+    return total / (num_tokens * k)
+
+
+@pytest.mark.parametrize("k,hidden", [(2, 8), (3, 16), (4, 5), (6, 4), (8, 3)])
+def test_span_matches_gram_schmidt(k, hidden):
+    torch.manual_seed(k * 100 + hidden)
+    x = torch.randn(7, k, hidden, dtype=torch.float64)
+    got = orthogonality_loss(x, form="span", eps=1e-12)
+    # k > H: the others span R^H once k - 1 >= H, and the projection is x_i itself.
+    torch.testing.assert_close(got, naive_span(x), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("k,hidden", [(2, 8), (3, 16), (6, 4)])
+def test_pairwise_matches_eq6(k, hidden):
+    torch.manual_seed(k + hidden)
+    x = torch.randn(5, k, hidden, dtype=torch.float64)
+    got = orthogonality_loss(x, form="pairwise", eps=1e-6)
+    torch.testing.assert_close(got, naive_pairwise(x, 1e-6), rtol=1e-10, atol=1e-12)
+
+
+def test_span_k_greater_than_h_projects_fully():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    per_slot = orthogonality_loss_per_slot(x, form="span", eps=1e-12)
+    torch.testing.assert_close(per_slot, x.square().sum(-1), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("form", ["span", "pairwise"])
+def test_k1_is_zero(form):
+    x = torch.randn(6, 1, 8, requires_grad=True)
+    loss = orthogonality_loss(x, form=form)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(x.grad == 0)
+
+
+@pytest.mark.parametrize("form", ["span", "pairwise"])
+def test_orthogonal_outputs_give_zero(form):
+    x = torch.eye(4, dtype=torch.float64)[:3].expand(2, 3, 4) * 3.0
+    assert orthogonality_loss(x, form=form).item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("form", ["span", "pairwise"])
+def test_zero_and_duplicated_outputs_are_finite(form):
+    torch.manual_seed(1)
+    base = torch.randn(3, 16)
+    x = torch.stack([base, base, torch.zeros_like(base)], dim=1)  # [3 tokens, k=3, H]
+    x = torch.cat([x, torch.zeros(1, 3, 16)], dim=0).requires_grad_(True)
+    loss = orthogonality_loss(x, form=form)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(x.grad).all()
+    # Two identical outputs: each is fully in the span of the other.
+    expected_first_token = 2 * base[0].square().sum() / 3
+    per_slot = orthogonality_loss_per_slot(x.detach(), form=form)
+    torch.testing.assert_close(per_slot[0].sum() / 3, expected_first_token, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_slot_does_not_change_other_slots():
+    torch.manual_seed(2)
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    padded = torch.cat([x, torch.zeros(5, 1, 8, dtype=torch.float64)], dim=1)
+    for form in ("span", "pairwise"):
+        a = orthogonality_loss_per_slot(x, form=form).sum(-1)
+        b = orthogonality_loss_per_slot(padded, form=form).sum(-1)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["span", "pairwise"])
+def test_bf16_input_is_computed_in_float32(form):
+    torch.manual_seed(3)
+    x32 = torch.randn(16, 4, 64)
+    x16 = x32.bfloat16()
+    got = orthogonality_loss(x16, form=form)
+    assert got.dtype == torch.float32
+    ref = orthogonality_loss(x16.double(), form=form)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["span", "pairwise"])
+def test_gradcheck(form):
+    torch.manual_seed(4)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: orthogonality_loss(t, form=form, eps=1e-3), (x,))
+
+
+def test_unknown_form_and_bad_shape():
+    with pytest.raises(ValueError, match="form"):
+        orthogonality_loss(torch.randn(2, 2, 2), form="cosine")
+    with pytest.raises(ValueError, match=r"\[T, k, H\]"):
+        orthogonality_loss(torch.randn(2, 2))
+
+
+def test_variance_loss_matches_loop_and_gradcheck():
+    torch.manual_seed(5)
+    scores = torch.softmax(torch.randn(9, 8, dtype=torch.float64), dim=-1)
+    expected = 0.0
+    for row in scores:
+        mean = row.sum() / len(row)
+        expected += ((row - mean) ** 2).sum() / (len(row) - 1)
+    expected = -expected / len(scores)
+    torch.testing.assert_close(variance_loss(scores), expected)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(variance_loss, (x,))
+
+
+def test_variance_loss_extremes():
+    uniform = torch.full((3, 4), 0.25)
+    assert variance_loss(uniform).item() == 0.0
+    one_hot = torch.eye(4)[:3]
+    # Unbiased variance of a one-hot over 4 entries: (3 * (1/4)^2 + (3/4)^2) / 3 = 1/4.
+    assert variance_loss(one_hot).item() == pytest.approx(-0.25)

@@ -1,0 +1,129 @@
+"""The specialization router and MoE layer in one process against explicit per-expert references."""
+
+import pytest
+import torch
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
+from megatron.core.transformer.spec_utils import build_module
+
+from megatron_patch.moe.config import SpecializationConfig
+from megatron_patch.moe.losses import orthogonality_loss, variance_loss
+from megatron_patch.moe.specs import get_gpt_layer_spec
+
+HIDDEN, EXPERTS, TOPK, SEQ, BATCH = 16, 4, 2, 6, 2
+
+
+def make_config(**overrides) -> SpecializationConfig:
+    kwargs = dict(
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        num_moe_experts=EXPERTS,
+        moe_router_topk=TOPK,
+        moe_ffn_hidden_size=8,
+        ffn_hidden_size=8,
+        moe_token_dispatcher_type="alltoall",
+        moe_aux_loss_coeff=0.0,
+        moe_router_load_balancing_type="none",
+        add_bias_linear=False,
+        params_dtype=torch.float32,
+        moe_ortho_loss_coeff=1.0,
+        moe_var_loss_coeff=1.0,
+    )
+    kwargs.update(overrides)
+    return SpecializationConfig(**kwargs)
+
+
+def build_layer(config):
+    torch.manual_seed(0)
+    spec = get_gpt_layer_spec(EXPERTS).submodules.mlp
+    layer = build_module(spec, config=config)
+    layer.set_layer_number(1)
+    layer.train()
+    return layer
+
+
+def tracked(name):
+    return get_moe_layer_wise_logging_tracker()[name]["values"][0].item()
+
+
+def expert_outputs(layer, tokens):
+    """[T, E, H]: every expert's unweighted output on every token."""
+    outs = []
+    for expert in layer.experts.local_experts:
+        out, _ = expert(tokens, torch.ones(tokens.shape[0]))
+        outs.append(out)
+    return torch.stack(outs, dim=1)
+
+
+def reference(layer, x):
+    tokens = x.reshape(-1, HIDDEN)
+    logits = tokens @ layer.router.weight.t()
+    scores = torch.softmax(logits, dim=-1)
+    top_vals, top_idx = torch.topk(scores, TOPK, dim=-1)
+    probs = top_vals / top_vals.sum(-1, keepdim=True)  # megatron: softmax over the top-k logits
+    outs = expert_outputs(layer, tokens)
+    sorted_idx, order = torch.sort(top_idx, dim=-1)
+    chosen = torch.gather(outs, 1, sorted_idx.unsqueeze(-1).expand(-1, -1, HIDDEN))
+    combined = (torch.gather(probs, 1, order).unsqueeze(-1) * chosen).sum(1)
+    return combined.view_as(x), chosen, scores
+
+
+@pytest.mark.parametrize("form", ["span", "pairwise"])
+def test_layer_output_and_losses_match_explicit_reference(single_process_megatron, form):
+    layer = build_layer(make_config(moe_ortho_loss_form=form))
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    clear_aux_losses_tracker()
+    out, _ = layer(x)
+    ref_out, chosen, scores = reference(layer, x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert tracked("ortho_loss") == pytest.approx(
+        orthogonality_loss(chosen, form=form).item(), rel=1e-5
+    )
+    assert tracked("var_loss") == pytest.approx(variance_loss(scores).item(), rel=1e-5)
+
+
+def test_ortho_loss_gradient_matches_reference_and_skips_router(single_process_megatron):
+    layer = build_layer(make_config(moe_var_loss_coeff=0.0, moe_ortho_loss_coeff=0.5))
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    out, _ = layer(x)
+    (out * 0).sum().backward()  # only the attached L_o produces gradients
+    assert layer.router.weight.grad is None or torch.all(layer.router.weight.grad == 0)
+    got = [p.grad.clone() for p in layer.experts.parameters()]
+    assert any(g.abs().sum() > 0 for g in got)
+
+    layer.zero_grad()
+    _, chosen, _ = reference(layer, x)
+    (0.5 * orthogonality_loss(chosen)).backward()
+    for g, p in zip(got, layer.experts.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_var_loss_reaches_only_the_router(single_process_megatron):
+    layer = build_layer(make_config(moe_ortho_loss_coeff=0.0))
+    x = torch.randn(SEQ, BATCH, HIDDEN, requires_grad=True)
+    out, _ = layer(x)
+    (out * 0).sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+    for p in layer.experts.parameters():
+        assert p.grad is None or torch.all(p.grad == 0)
+
+    router_grad = layer.router.weight.grad.clone()
+    layer.zero_grad()
+    _, _, scores = reference(layer, x)
+    variance_loss(scores).backward()
+    torch.testing.assert_close(router_grad, layer.router.weight.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_losses_not_attached_in_eval(single_process_megatron):
+    layer = build_layer(make_config())
+    layer.eval()
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    clear_aux_losses_tracker()
+    out, _ = layer(x)
+    ref_out, _, _ = reference(layer, x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    tracker = get_moe_layer_wise_logging_tracker()
+    assert all(v["values"].abs().sum() == 0 for v in tracker.values())
