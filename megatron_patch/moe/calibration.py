@@ -1,0 +1,133 @@
+"""Auto-calibration of the L_o / L_v coefficients from globally reduced first-batch values.
+
+The authors' released code sets, once, ``coeff = 10 ** round(log10(target / |L|))`` so that
+``coeff * |L|`` lands near a target magnitude (1e-4 for L_o, 1e-3 for L_v). It reads a per-rank
+value without any reduction, so data-parallel ranks can disagree. Here the raw losses of the first
+global batch are recorded without being attached (``recording_only``), reduced exactly like
+megatron-core's MoE loss logging (summed over TP x CP, averaged over DP, gathered over PP), averaged
+over MoE layers and micro-batches, and only then turned into one coefficient per loss. Every rank
+therefore computes the same value, and a layout change does not change it. The coefficients are
+written into the module buffers, so checkpoints carry them and a resumed run does not recalibrate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe.moe_utils import (
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
+
+from megatron_patch.moe.coefficients import ORTHO_LOSS_NAME, VAR_LOSS_NAME, recording_only
+from megatron_patch.moe.config import SpecializationConfig
+from megatron_patch.moe.layer import SpecializationMoELayer
+from megatron_patch.moe.router import SpecializationRouter
+
+Modules = Union[torch.nn.Module, Iterable[torch.nn.Module]]
+
+
+def power_of_ten_coefficient(raw_mean: float, target: float, flag: str) -> float:
+    """``10 ** round(log10(target / |raw_mean|))``; refuses a zero or non-finite raw value."""
+    if not math.isfinite(raw_mean) or raw_mean == 0.0:
+        raise RuntimeError(
+            f"cannot calibrate {flag} 'auto': the first batch gave a raw loss of {raw_mean}. "
+            f"Pass a fixed {flag} value instead."
+        )
+    return 10.0 ** round(math.log10(target / abs(raw_mean)))
+
+
+def _coefficient_buffers(modules: Modules) -> dict[str, list[torch.Tensor]]:
+    chunks = [modules] if isinstance(modules, torch.nn.Module) else list(modules)
+    buffers: dict[str, list[torch.Tensor]] = {VAR_LOSS_NAME: [], ORTHO_LOSS_NAME: []}
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, SpecializationRouter):
+                buffers[VAR_LOSS_NAME].append(module.var_loss_coeff)
+            elif isinstance(module, SpecializationMoELayer):
+                buffers[ORTHO_LOSS_NAME].append(module.ortho_loss_coeff)
+    return buffers
+
+
+def needs_calibration(modules: Modules) -> bool:
+    """True if any local coefficient buffer is still NaN (``"auto"`` and not calibrated)."""
+    return any(
+        bool(torch.isnan(buffer).item())
+        for buffers in _coefficient_buffers(modules).values()
+        for buffer in buffers
+    )
+
+
+def num_moe_layers(config: SpecializationConfig) -> int:
+    """Number of MoE layers of the whole model (all pipeline stages), as megatron counts them."""
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        count = sum(1 for i in range(config.num_layers) if i % freq == 0)
+    else:
+        count = sum(freq)
+    return count + (config.mtp_num_layers or 0)
+
+
+def calibrate_coefficients(
+    modules: Modules,
+    config: SpecializationConfig,
+    run_forward: Callable[[], object],
+    num_microbatches: int,
+    pg_collection: Optional[ProcessGroupCollection] = None,
+) -> dict[str, float]:
+    """Calibrate every ``"auto"`` coefficient; collective over all ranks of the model.
+
+    Args:
+        modules: the model chunks of this rank.
+        config: the model's SpecializationConfig.
+        run_forward: runs the forward pass of the first global batch on this rank (e.g. the
+            pipeline schedule with ``forward_only=True``); its loss is ignored. It runs under
+            ``torch.no_grad`` with the specialization losses in recording-only mode.
+        num_microbatches: micro-batches ``run_forward`` processes on this rank.
+        pg_collection: process groups (defaults to megatron's global parallel state); the PP and
+            DP groups are used for the reduction, as in megatron-core's MoE loss logging.
+
+    Returns:
+        ``{"ortho_loss": beta, "var_loss": gamma}`` for the losses that were calibrated.
+    """
+    todo = {}
+    if config.moe_ortho_loss_coeff == "auto":
+        todo[ORTHO_LOSS_NAME] = (config.moe_ortho_loss_target, "--moe-ortho-loss-coeff")
+    if config.moe_var_loss_coeff == "auto":
+        todo[VAR_LOSS_NAME] = (config.moe_var_loss_target, "--moe-var-loss-coeff")
+    if not todo:
+        return {}
+    tracker = get_moe_layer_wise_logging_tracker()
+    tp_cp_group = (
+        pg_collection.tp_cp
+        if pg_collection is not None
+        else parallel_state.get_tensor_and_context_parallel_group()
+    )
+    num_layers = config.num_layers + (config.mtp_num_layers or 0)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    for name in todo:
+        # Every rank needs the entry, also a pipeline stage without MoE layers, so that the
+        # reduction below runs the same collectives everywhere.
+        tracker[name] = {
+            "values": torch.zeros(num_layers, device=device),
+            "reduce_group": tp_cp_group,
+            "avg_group": None,
+            "reduce_group_has_dp": False,
+        }
+    with torch.no_grad(), recording_only():
+        run_forward()
+    reduce_aux_losses_tracker_across_ranks(list(todo), pg_collection=pg_collection)
+
+    buffers = _coefficient_buffers(modules)
+    result = {}
+    for name, (target, flag) in todo.items():
+        raw_mean = tracker[name]["values"].sum().item() / (num_moe_layers(config) * num_microbatches)
+        result[name] = power_of_ten_coefficient(raw_mean, target, flag)
+        for buffer in buffers[name]:
+            buffer.fill_(result[name])
+        tracker[name]["values"].zero_()
+    return result
