@@ -17,6 +17,7 @@ from megatron_patch.moe.coefficients import (
 )
 from megatron_patch.moe.config import SpecializationConfig
 from megatron_patch.moe.losses import routing_variance_per_token
+from megatron_patch.moe.metrics import record_routing, routing_stats_enabled
 
 
 def routing_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -75,17 +76,25 @@ class SpecializationRouter(TopKRouter):
             (probs [S*B, E], routing_map [S*B, E]) as megatron-core's TopKRouter.
         """
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        if not self._var_loss_active():
+        var_loss_active = self._var_loss_active()
+        if not (var_loss_active or routing_stats_enabled()):
             return probs, routing_map
+        scores = routing_scores(
+            logits.reshape(-1, self.config.num_moe_experts), self.score_function
+        )
+        record_routing(self.layer_number, routing_map, scores)
+        if var_loss_active:
+            probs = self._attach_var_loss(probs, scores, padding_mask)
+        return probs, routing_map
+
+    def _attach_var_loss(
+        self, probs: torch.Tensor, scores: torch.Tensor, padding_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         attach = not is_recording_only()
         if attach and not self._coeff_checked:
             check_calibrated(self.var_loss_coeff, "--moe-var-loss-coeff")
             self._coeff_checked = True
-
-        flat_logits = logits.reshape(-1, self.config.num_moe_experts)
-        variances = routing_variance_per_token(
-            routing_scores(flat_logits, self.score_function)
-        )
+        variances = routing_variance_per_token(scores)
         if padding_mask is None:
             local_tokens = variances.numel()
             local_sum = -variances.sum()
@@ -97,7 +106,7 @@ class SpecializationRouter(TopKRouter):
             local_tokens, self.tp_cp_group, variances.device, uniform=padding_mask is None
         )
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-        probs = attach_mean_loss(
+        return attach_mean_loss(
             probs,
             local_sum=local_sum,
             count=count,
@@ -109,4 +118,3 @@ class SpecializationRouter(TopKRouter):
             attach=attach,
             per_token_loss_tokens=local_tokens if self.calculate_per_token_loss else None,
         )
-        return probs, routing_map

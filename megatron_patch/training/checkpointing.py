@@ -1,0 +1,221 @@
+"""Atomic, resumable, reshardable checkpoints through ``megatron.core.dist_checkpointing``.
+
+Layout of ``--save DIR``::
+
+    DIR/iter_0000100/                     one dist_checkpointing checkpoint (torch_dist)
+    DIR/latest_checkpointed_iteration.txt  the newest complete checkpoint
+
+A checkpoint is written into ``iter_N.tmp`` and renamed to ``iter_N`` by rank 0 only after every
+rank has finished writing; the ``latest`` file is replaced atomically afterwards. A crash during a
+save therefore leaves the previous checkpoint and the ``latest`` pointer untouched. Only the last
+``--keep-last`` checkpoints are kept.
+
+A checkpoint holds the model (including the calibrated L_o / L_v coefficients and the router's
+expert bias, which are module buffers), the optimizer (reshardable), the LR scheduler, the
+iteration and consumed samples (the data position), the model signature (checked before any tensor
+is loaded) and the per-rank RNG states (restored when the world size is unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+# Flags that fix parameter shapes: a checkpoint only loads into a model with the same values.
+SIGNATURE_FLAGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+    "moe_layer_freq", "swiglu", "normalization", "position_embedding_type",
+    "untie_embeddings_and_output_weights", "max_position_embeddings",
+)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint cannot be loaded into this model; the message lists what differs."""
+
+
+def model_signature(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+    """The flag values that determine parameter shapes, plus the vocabulary size."""
+    signature = {flag: getattr(args, flag) for flag in SIGNATURE_FLAGS}
+    signature["vocab_size"] = vocab_size
+    return signature
+
+
+def checkpoint_path(root: str, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """Iteration of the newest complete checkpoint under ``root``, or None."""
+    pointer = Path(root) / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    text = pointer.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointMismatchError(
+            f"{pointer} holds {text!r}, not an iteration number; delete the file or fix it"
+        )
+    if not checkpoint_path(root, int(text)).is_dir():
+        raise CheckpointMismatchError(
+            f"{pointer} names iteration {text} but {checkpoint_path(root, int(text))} does not "
+            "exist; point the file at an existing iter_* directory or delete it"
+        )
+    return int(text)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron's DDP wrapper (checkpoint keys carry no ``module.`` prefix)."""
+    return getattr(chunk, "module", chunk)
+
+
+def _sharded_state(
+    model: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    common: dict[str, Any],
+    is_loading: bool,
+) -> dict[str, Any]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model_state = _unwrap(model[0]).sharded_state_dict()
+    return {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+        "scheduler": scheduler.state_dict(),
+        "rng_state": ShardedObject(
+            f"rng_state_world{world}", _rng_state(), (world,), (rank,), replica_id=0
+        ),
+        **common,
+    }
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    model: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    *,
+    consumed_samples: int,
+    signature: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Collective: write ``iter_<iteration>`` atomically, update ``latest``, prune old ones."""
+    final = checkpoint_path(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    common = {
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "signature": signature,
+        "world_size": dist.get_world_size(),
+    }
+    dist_checkpointing.save(
+        _sharded_state(model, optimizer, scheduler, common, is_loading=False), str(tmp)
+    )
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = Path(root) / (LATEST_FILE + ".tmp")
+        pointer_tmp.write_text(f"{iteration}\n")
+        os.replace(pointer_tmp, Path(root) / LATEST_FILE)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(root: str, keep_last: int) -> None:
+    done = sorted(
+        p for p in Path(root).glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+    )
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_signature(saved: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
+    """Raise CheckpointMismatchError naming every differing shape flag."""
+    diffs = [
+        f"--{key.replace('_', '-')}: checkpoint {saved.get(key)!r}, this run {value!r}"
+        for key, value in expected.items()
+        if saved.get(key) != value
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"checkpoint {where} was saved from another model shape:\n  "
+            + "\n  ".join(diffs)
+            + "\nPass the checkpoint's values for these flags, or point --load elsewhere."
+        )
+
+
+def load_checkpoint(
+    root: str,
+    model: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    *,
+    signature: dict[str, Any],
+) -> tuple[int, int]:
+    """Collective: restore the newest checkpoint under ``root``.
+
+    Returns:
+        (iteration, consumed_samples) of the checkpoint; (0, 0) if ``root`` holds none.
+
+    Raises:
+        CheckpointMismatchError: another model shape, before any tensor is read.
+    """
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return 0, 0
+    where = checkpoint_path(root, iteration)
+    common = dist_checkpointing.load_common_state_dict(str(where))
+    check_signature(common["signature"], signature, where)
+    same_world = common["world_size"] == dist.get_world_size()
+    request = _sharded_state(model, optimizer, scheduler, {}, is_loading=True)
+    if not same_world:
+        del request["rng_state"]
+    state = dist_checkpointing.load(request, str(where))
+    _unwrap(model[0]).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if same_world:
+        _set_rng_state(state["rng_state"])
+    return common["iteration"], common["consumed_samples"]
