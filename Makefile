@@ -2,13 +2,16 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DATA := data
 
-.PHONY: install test check-parallel clean
+.PHONY: install test demo data check-parallel lint-docker clean
 
-$(STAMP): pyproject.toml
+# The Dockerfile runs the same steps, minus requirements-torch.txt (it keeps NGC's PyTorch).
+$(STAMP): pyproject.toml requirements.txt requirements-torch.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -r requirements-torch.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,3 +24,22 @@ check-parallel: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Built-in default corpus (real text, six domains; see LICENSES/CORPUS.md), tokenizer, datasets.
+$(DATA)/corpus.jsonl: | $(STAMP)
+	$(PY) tools/build_corpus.py --output $@
+
+$(DATA)/tokenizer.model: $(DATA)/corpus.jsonl
+	$(PY) tools/train_tokenizer.py --input $< --model-prefix $(DATA)/tokenizer --vocab-size 8192 --model-type bpe
+
+$(DATA)/corpus_train.bin: $(DATA)/corpus.jsonl $(DATA)/tokenizer.model
+	$(PY) tools/preprocess_data.py --input $< --output-prefix $(DATA)/corpus_train --tokenizer-model $(DATA)/tokenizer.model --only-split train --split-by-domain
+
+$(DATA)/corpus_valid.bin: $(DATA)/corpus.jsonl $(DATA)/tokenizer.model
+	$(PY) tools/preprocess_data.py --input $< --output-prefix $(DATA)/corpus_valid --tokenizer-model $(DATA)/tokenizer.model --only-split valid
+
+data: $(DATA)/corpus_train.bin $(DATA)/corpus_valid.bin
+
+# Pretrain the tiny GPT-MoE (8 experts, top-2, L_o + L_v) on 2 CPU processes with EP=2.
+demo: $(STAMP) data
+	OUTPUT_DIR=runs/demo examples/pretrain/run_pretrain_moe.sh tiny_cpu

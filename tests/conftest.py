@@ -35,3 +35,23 @@ def single_process_megatron():
     model_parallel_cuda_manual_seed(1234)
     yield
     parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small real-text dataset: stdlib code and docs -> tokenizer -> train/valid .bin/.idx."""
+    from types import SimpleNamespace
+
+    from megatron_patch.data.corpus import build_corpus
+    from megatron_patch.data.preprocess import preprocess_jsonl
+    from megatron_patch.data.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    corpus = root / "corpus.jsonl"
+    build_corpus(corpus, root / "cache", ("python_code", "python_docs"), max_mb_per_domain=0.15,
+                 valid_fraction=0.2, seed=3)
+    model = train_sentencepiece(corpus, root / "tok", vocab_size=512, sample_size=20000)
+    for split in ("train", "valid"):
+        preprocess_jsonl(corpus, str(root / split), str(model), workers=1, only_split=split)
+    return SimpleNamespace(root=root, tokenizer=str(model), train=str(root / "train"),
+                           valid=str(root / "valid"))

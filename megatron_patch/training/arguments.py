@@ -104,7 +104,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="dataset prefixes, optionally weighted: 'P' or 'W1 P1 W2 P2 ...'")
-    g.add_argument("--split", default="98,2,0", help="train,valid,test proportions")
+    g.add_argument("--split", default="98,2,0",
+                   help="train,valid,test document proportions of --data-path")
+    g.add_argument("--valid-data-path", nargs="+", default=None,
+                   help="separate validation prefixes (then --data-path is all training data)")
     g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--eval-interval", type=int, default=50)
@@ -247,6 +250,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ArgumentError("--moe-router-topk cannot exceed --num-experts")
     if args.load is None and args.save is None and args.save_interval:
         raise ArgumentError("--save-interval needs --save DIR")
-    if args.data_path is not None and args.tokenizer_model is None:
-        raise ArgumentError("--data-path needs --tokenizer-model (the sentencepiece model the "
-                            "data was tokenized with)")
+    if args.data_path is None:
+        raise ArgumentError(
+            "--data-path is required (dataset prefix of a .bin/.idx pair); `make data` builds the "
+            "built-in corpus into data/corpus_train, tools/preprocess_data.py converts your jsonl"
+        )
+    if args.tokenizer_model is None:
+        raise ArgumentError("--tokenizer-model is required: the sentencepiece model the data was "
+                            "tokenized with (data/tokenizer.model for the built-in corpus)")

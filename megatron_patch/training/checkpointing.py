@@ -22,6 +22,7 @@ import argparse
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -103,18 +104,35 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return getattr(chunk, "module", chunk)
 
 
+# Optimizer state keyed by parameter (no "chained_<i>." prefix) in a reshardable format, so the
+# moments map onto the parameters of another TP/PP layout.
+OPTIMIZER_METADATA = {
+    "chained_optim_avoid_prefix": True,
+    "distrib_optim_sharding_type": "fully_reshardable",
+}
+
+
+def _num_optimizers(optimizer: MegatronOptimizer) -> int:
+    """Dense and expert parameters get separate optimizers when experts are expert-parallel."""
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _sharded_state(
     model: list[torch.nn.Module],
-    optimizer: MegatronOptimizer,
+    optimizer: Optional[MegatronOptimizer],
     scheduler: OptimizerParamScheduler,
     common: dict[str, Any],
     is_loading: bool,
 ) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     model_state = _unwrap(model[0]).sharded_state_dict()
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+        )
     return {
-        "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+        **state,
         "scheduler": scheduler.state_dict(),
         "rng_state": ShardedObject(
             f"rng_state_world{world}", _rng_state(), (world,), (rank,), replica_id=0
@@ -147,6 +165,7 @@ def save_checkpoint(
         "consumed_samples": consumed_samples,
         "signature": signature,
         "world_size": dist.get_world_size(),
+        "num_optimizers": _num_optimizers(optimizer),
     }
     dist_checkpointing.save(
         _sharded_state(model, optimizer, scheduler, common, is_loading=False), str(tmp)
@@ -209,12 +228,25 @@ def load_checkpoint(
     common = dist_checkpointing.load_common_state_dict(str(where))
     check_signature(common["signature"], signature, where)
     same_world = common["world_size"] == dist.get_world_size()
-    request = _sharded_state(model, optimizer, scheduler, {}, is_loading=True)
+    # Expert parallelism on one side only changes how megatron splits the optimizer into dense and
+    # expert parts; their states cannot be mapped onto each other.
+    load_optimizer = common["num_optimizers"] == _num_optimizers(optimizer)
+    request = _sharded_state(
+        model, optimizer if load_optimizer else None, scheduler, {}, is_loading=True
+    )
     if not same_world:
         del request["rng_state"]
     state = dist_checkpointing.load(request, str(where))
     _unwrap(model[0]).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if load_optimizer:
+        optimizer.load_state_dict(state["optimizer"])
+    elif dist.get_rank() == 0:
+        warnings.warn(
+            f"{where} was saved with expert parallelism "
+            f"{'on' if common['num_optimizers'] > 1 else 'off'} and this run has it "
+            f"{'on' if _num_optimizers(optimizer) > 1 else 'off'}: model, coefficients, schedule "
+            "and data position are restored, the Adam moments restart from zero."
+        )
     scheduler.load_state_dict(state["scheduler"])
     if same_world:
         _set_rng_state(state["rng_state"])

@@ -32,7 +32,6 @@ def transformer_engine_available() -> bool:
 
 def build_config(args: argparse.Namespace) -> SpecializationConfig:
     """SpecializationConfig (a TransformerConfig) from the parsed flags."""
-    on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     recompute = {}
     if args.recompute_granularity is not None:
@@ -62,7 +61,6 @@ def build_config(args: argparse.Namespace) -> SpecializationConfig:
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,
-        use_cpu_initialization=not on_gpu,
         num_moe_experts=args.num_experts,
         moe_router_topk=args.moe_router_topk,
         moe_ffn_hidden_size=args.moe_ffn_hidden_size,

@@ -35,6 +35,7 @@ from megatron_patch.training.checkpointing import (
 from megatron_patch.training.initialize import initialize, shutdown
 from megatron_patch.training.logger import MetricsLogger
 from megatron_patch.training.loop import (
+    NonFiniteLossError,
     check_finite,
     micro_batches,
     moe_loss_values,
@@ -44,7 +45,10 @@ from megatron_patch.training.model import build_config, build_model
 from megatron_patch.training.optimizer import build_optimizer
 
 # Bad input: reported as one clear message (exit status 2) instead of a traceback.
-USER_ERRORS = (ArgumentError, DataError, CheckpointMismatchError, SpecializationConfigError)
+USER_ERRORS = (
+    ArgumentError, DataError, CheckpointMismatchError, SpecializationConfigError,
+    NonFiniteLossError, FileNotFoundError,
+)
 
 
 class _ExitSignal:
@@ -129,7 +133,8 @@ def train(args: argparse.Namespace) -> dict:
         args.data_path, args.split, args.seq_length, args.seed,
         train_samples=args.train_iters * args.global_batch_size,
         valid_samples=max(args.eval_iters, 1) * args.global_batch_size,
-        tokenizer=tokenizer, cache_path=args.data_cache_path, is_built_on_rank=lambda: True,
+        tokenizer=tokenizer, valid_data_path=args.valid_data_path,
+        cache_path=args.data_cache_path, is_built_on_rank=lambda: True,
     )
     logger = MetricsLogger(args, iteration)
     if needs_calibration(model):
@@ -145,7 +150,7 @@ def train(args: argparse.Namespace) -> dict:
     exit_signal = _ExitSignal()
     enable_routing_stats(config.num_layers, config.num_moe_experts, device)
     tokens_per_step = args.global_batch_size * args.seq_length
-    last_save, valid_loss, loss = None, None, float("nan")
+    last_save, valid_loss, loss = None, None, None
     while iteration < args.train_iters:
         start = time.perf_counter()
         for chunk in model:
@@ -205,12 +210,11 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def _print_summary(summary: dict) -> None:
-    lines = [
-        "",
-        "=== training summary ===",
-        f"iterations      : {summary['iterations']}",
-        f"final train loss: {summary['train_loss']:.4f}",
-    ]
+    lines = ["", "=== training summary ===", f"iterations      : {summary['iterations']}"]
+    if summary["train_loss"] is None:
+        lines.append("nothing to train: the loaded checkpoint already reached --train-iters")
+    else:
+        lines.append(f"final train loss: {summary['train_loss']:.4f}")
     if summary["valid_loss"] is not None:
         lines.append(f"final valid loss: {summary['valid_loss']:.4f}")
     if summary["checkpoint"]:

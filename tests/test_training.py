@@ -1,0 +1,181 @@
+"""The pretraining entry point end to end on CPU: learning, exact resume, signals, resharding,
+the torchrun launcher, and every bad-input error (each run is a real subprocess)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_patch.training.arguments import ArgumentError, parse_args, validate_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+    "--ffn-hidden-size", "64", "--num-experts", "4", "--moe-router-topk", "2",
+    "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+    "--lr", "3e-3", "--lr-warmup-iters", "1", "--eval-interval", "1000", "--eval-iters", "1",
+    "--moe-ortho-loss-coeff", "auto", "--moe-var-loss-coeff", "0.1", "--no-progress-bar",
+]
+
+
+def data_flags(tiny_data):
+    return ["--data-path", tiny_data.train, "--valid-data-path", tiny_data.valid,
+            "--tokenizer-model", tiny_data.tokenizer]
+
+
+def pretrain(args, *, torchrun_procs=None, timeout=300, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if torchrun_procs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+               str(torchrun_procs), "--master-port", str(_port()),
+               "-m", "megatron_patch.training.pretrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_losses(save_dir):
+    rows = [json.loads(line) for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["iteration"], r["lm_loss"]) for r in rows if r["split"] == "train"]
+
+
+def test_loss_goes_down_and_kill_resume_repeats_the_curve(tiny_data, tmp_path):
+    flags = TINY + data_flags(tiny_data) + ["--train-iters", "8"]
+    pretrain(flags + ["--save", str(tmp_path / "full")])
+    full = train_losses(tmp_path / "full")
+    assert [it for it, _ in full] == list(range(1, 9))
+    assert full[-1][1] < full[0][1] - 0.05
+
+    pretrain(flags + ["--save", str(tmp_path / "resumed"), "--exit-interval", "3"])
+    assert len(train_losses(tmp_path / "resumed")) == 3
+    out = pretrain(flags + ["--save", str(tmp_path / "resumed"), "--load", str(tmp_path / "resumed")])
+    assert "calibrated" not in out.stdout  # the auto coefficient came back from the checkpoint
+    # Bit-exact on CPU: the resumed run continues the same loss curve.
+    assert train_losses(tmp_path / "resumed") == full
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tiny_data, tmp_path):
+    save = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", *TINY,
+           *data_flags(tiny_data), "--train-iters", "500", "--save", str(save)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and not (save / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    done = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= done < 500
+    assert (save / f"iter_{done:07d}").is_dir()
+    assert "exit signal" in out
+
+
+def test_torchrun_launcher_ep2_and_reshard_to_one_process(tiny_data, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("\n".join([
+        "num_layers: 2", "hidden_size: 32", "num_attention_heads: 4", "ffn_hidden_size: 64",
+        "num_experts: 4", "moe_router_topk: 2", "seq_length: 32", "micro_batch_size: 2",
+        "global_batch_size: 4", "lr: 0.003", "lr_warmup_iters: 1", "train_iters: 3",
+        "eval_interval: 3", "eval_iters: 1", "expert_model_parallel_size: 2",
+        "moe_ortho_loss_coeff: 0.1", "moe_var_loss_coeff: 0.1", "no_progress_bar: true",
+    ]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPUS_PER_NODE": "2",
+           "MASTER_PORT": str(_port()), "OUTPUT_DIR": str(tmp_path / "run"),
+           "DATA_PATH": tiny_data.train, "VALID_DATA_PATH": tiny_data.valid,
+           "TOKENIZER_MODEL": tiny_data.tokenizer, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "examples/pretrain/run_pretrain_moe.sh", str(config)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "iter_0000003").is_dir()
+    assert "final valid loss" in proc.stdout
+
+    # The EP=2 checkpoint loads into one process (experts regathered) and training continues.
+    out = pretrain(TINY + data_flags(tiny_data) + [
+        "--train-iters", "5", "--moe-ortho-loss-coeff", "0.1", "--load", str(ckpt),
+        "--save", str(tmp_path / "one")])
+    assert [it for it, _ in train_losses(tmp_path / "one")] == [4, 5]
+    assert "iterations      : 5" in out.stdout
+
+
+def test_checkpoint_of_another_shape_fails_before_loading(tiny_data, tmp_path):
+    pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "2", "--save", str(tmp_path)])
+    proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "4", "--load", str(tmp_path),
+                                                    "--num-experts", "8"], check=False)
+    assert proc.returncode == 2
+    assert "--num-experts: checkpoint 4, this run 8" in proc.stderr
+
+
+def test_nan_loss_is_reported_with_step_and_layer(tiny_data, tmp_path):
+    proc = pretrain(TINY + data_flags(tiny_data) + [
+        "--train-iters", "6", "--lr", "1e30", "--clip-grad", "0", "--lr-warmup-iters", "0"],
+        check=False)
+    assert proc.returncode == 2
+    assert re.search(r"loss is (nan|inf) at iteration \d+", proc.stderr)
+    assert "first non-finite output in" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data-path", "/nonexistent/corpus"], "preprocess_data.py"),
+        (["--tokenizer-model", "/nonexistent/tok.model"], "/nonexistent/tok.model"),
+        (["--global-batch-size", "5"], "--global-batch-size 5 must be a multiple"),
+        (["--moe-ortho-loss-coeff", "-1"], "--moe-ortho-loss-coeff must be"),
+    ],
+)
+def test_bad_input_fails_fast_with_the_fix(tiny_data, extra, message):
+    proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "2"] + extra, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_tokenizer_smaller_than_data_vocab_is_refused(tiny_data, tmp_path):
+    from megatron_patch.data.tokenizer import train_sentencepiece
+
+    small = train_sentencepiece(Path(tiny_data.root) / "corpus.jsonl", tmp_path / "small",
+                                vocab_size=400, sample_size=5000)
+    proc = pretrain(TINY + data_flags(tiny_data)[:-1] + [str(small), "--train-iters", "2"],
+                    check=False)
+    assert proc.returncode == 2
+    assert "vocab" in proc.stderr.lower()
+
+
+def test_flag_validation_without_processes(tmp_path):
+    args = parse_args(["--data-path", "x", "--tokenizer-model", "t", "--num-experts", "6",
+                       "--expert-model-parallel-size", "4"])
+    with pytest.raises(ArgumentError, match="not divisible by --expert-model-parallel-size"):
+        validate_args(args, world_size=4)
+    args = parse_args(["--data-path", "x", "--tokenizer-model", "t",
+                       "--tensor-model-parallel-size", "2"])
+    with pytest.raises(ArgumentError, match="not a multiple of --tensor-model-parallel-size"):
+        validate_args(args, world_size=3)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("num_layerz: 3\n")
+    with pytest.raises(ArgumentError, match="unknown key 'num_layerz'"):
+        parse_args(["--config", str(bad_yaml)])
+    good_yaml = tmp_path / "good.yaml"
+    good_yaml.write_text("num-layers: 6\nhidden_size: 96\n")
+    args = parse_args(["--config", str(good_yaml), "--hidden-size", "64"])
+    assert (args.num_layers, args.hidden_size) == (6, 64)
