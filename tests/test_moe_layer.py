@@ -1,5 +1,7 @@
 """The specialization router and MoE layer in one process against explicit per-expert references."""
 
+import math
+
 import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import (
@@ -127,3 +129,60 @@ def test_losses_not_attached_in_eval(single_process_megatron):
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     tracker = get_moe_layer_wise_logging_tracker()
     assert all(v["values"].abs().sum() == 0 for v in tracker.values())
+
+
+def test_auto_coefficients_calibrate_to_powers_of_ten_and_round_trip(single_process_megatron):
+    from megatron_patch.moe.calibration import calibrate_coefficients, needs_calibration
+
+    config = make_config(moe_ortho_loss_coeff="auto", moe_var_loss_coeff="auto")
+    layer = build_layer(config)
+    assert needs_calibration(layer)
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        layer(x)
+    batches = [torch.randn(SEQ, BATCH, HIDDEN) for _ in range(2)]
+    coeffs = calibrate_coefficients(
+        layer, config, lambda: [layer(b) for b in batches], num_microbatches=2
+    )
+    raw_o = sum(orthogonality_loss(reference(layer, b)[1]).item() for b in batches) / 2
+    raw_v = sum(variance_loss(reference(layer, b)[2]).item() for b in batches) / 2
+    expected_o = 10.0 ** round(math.log10(1e-4 / raw_o))
+    expected_v = 10.0 ** round(math.log10(1e-3 / abs(raw_v)))
+    assert coeffs == {"ortho_loss": expected_o, "var_loss": expected_v}
+    assert layer.ortho_loss_coeff.item() == pytest.approx(expected_o)
+    assert layer.router.var_loss_coeff.item() == pytest.approx(expected_v)
+    assert not needs_calibration(layer)
+
+    fresh = build_layer(config)
+    assert needs_calibration(fresh)
+    fresh.load_state_dict(layer.state_dict())
+    assert not needs_calibration(fresh)
+    assert fresh.ortho_loss_coeff.item() == layer.ortho_loss_coeff.item()
+    fresh(x)  # trains without recalibrating
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_capacity_dropping_counts_only_kept_slots(single_process_megatron, pad):
+    """With a capacity factor, dropped (token, expert) pairs and capacity padding rows are not
+    slots of L_o; each token's penalty uses only its kept experts' outputs."""
+    from megatron_patch.moe.losses import orthogonality_loss_per_slot
+
+    config = make_config(moe_expert_capacity_factor=0.5, moe_pad_expert_input_to_capacity=pad,
+                         moe_var_loss_coeff=0.0)
+    layer = build_layer(config)
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    clear_aux_losses_tracker()
+    out, _ = layer(x)
+    probs, routing_map = layer.router(x)
+    kept = routing_map & (probs > 0)
+    assert 0 < kept.sum() < SEQ * BATCH * TOPK  # some pairs were dropped
+    outs = expert_outputs(layer, x.reshape(-1, HIDDEN))
+    total, slots = 0.0, 0
+    for t in range(outs.shape[0]):
+        experts = kept[t].nonzero().flatten()
+        slots += len(experts)
+        if len(experts) > 0:
+            total += orthogonality_loss_per_slot(outs[t, experts].unsqueeze(0)).sum().item()
+    assert tracked("ortho_loss") == pytest.approx(total / slots, rel=1e-5)
+    weighted = (probs * kept).unsqueeze(-1) * outs
+    torch.testing.assert_close(out.reshape(-1, HIDDEN), weighted.sum(1), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,324 @@
+"""CPU/gloo compatibility shims for megatron-core 0.16.1 (used only when no GPU is present).
+
+megatron-core assumes CUDA devices and NCCL. To run its parallel layouts (TP with SP, PP with the
+1F1B schedule, EP with the alltoall dispatcher, ETP, DP with megatron DDP, dist_checkpointing) as
+several gloo processes on one CPU machine, `apply_cpu_gloo_patches()` installs the shims below.
+It does nothing when `torch.cuda.is_available()`, so the GPU path is never altered, and it is
+idempotent. Every shim replaces something that would otherwise raise on a CPU-only machine
+(missing CUDA runtime, a collective gloo rejects, an assert) or, for `torch.cuda.manual_seed`,
+silently do nothing, so working code paths keep their behaviour.
+
+Shims, and why:
+
+1. `torch.cuda.current_device` -> CPU device. Called for `device=` of new tensors throughout
+   (router, experts, attention, p2p communication, mappings, checkpointing).
+2. `torch.cuda.synchronize` -> no-op. p2p communication (PP) and checkpoint saving call it.
+3. `torch.cuda.Stream` / `current_stream` / `stream` -> inert stand-ins. The alltoall token
+   dispatcher builds a device-to-host side stream, records an event on it and synchronizes
+   with it; on CPU every operation is already synchronous.
+4. `torch.cuda.manual_seed` -> `torch.manual_seed` (so `model_parallel_cuda_manual_seed` seeds
+   the default generator of the device in use, as on GPU), and the RNG tracker class it creates
+   -> `CpuRNGStatesTracker`, which keeps named states of the CPU generator and swaps them in
+   `fork()` (the CUDA tracker reads CUDA generator states). Apply the patches before the
+   tracker is first created.
+5. `torch.Tensor.cuda` -> identity. Tied word embeddings move the shared weight with `.cuda()`
+   before all-reducing it over the embedding group (first and last pipeline stage).
+6. `device="cuda"` literals in `pipeline_parallel.schedules` (token counter) and `moe_utils`
+   (tracker initialisation in `track_moe_metrics`): those modules see a `torch` whose tensor
+   factories map a CUDA device to the CPU (`_CpuFactoryTorch`).
+7. gloo `all_to_all_single` rejects tensors as split sizes; on GPU the alltoall dispatcher hands
+   it numpy arrays (moved to host), on CPU the splits stay tensors. Converted to Python lists.
+8. gloo `all_gather` rejects tensors of different shapes (the alltoall dispatcher's uneven
+   gather over the expert-TP group when ETP > 1). Emulated by padding dim 0 to the largest size.
+9. `WrappedTorchNorm` (the local spec's norm without apex/TE) asserts `not sequence_parallel`.
+   With SP the norm is built as usual and its parameters are tagged `sequence_parallel = True`,
+   exactly as megatron's `FusedLayerNorm` does, so `finalize_model_grads` all-reduces their grads
+   over the TP group (each TP rank only sees its sequence shard).
+10. `moe_utils.te_general_gemm` is only defined when Transformer Engine imports, but the router's
+   `RouterGatingLinearFunction` reads it unguarded: set to None (the torch.mm path).
+11. megatron's optimizer (`get_megatron_optimizer`): its `device="cuda"` scalars (FP32Optimizer,
+    grad-norm helpers in `clip_grads` and `megatron.core.utils`) see the CPU-mapping `torch`, and
+    `clip_grad_by_total_norm_fp32` (asserts CUDA tensors, scales with a CUDA kernel) is replaced
+    by a plain in-place scaling. The training loop thus runs megatron's optimizer on CPU too.
+
+Not needed and not shimmed: context parallel, virtual pipeline, overlap_grad_reduce, persistent
+async checkpoint save. dist_checkpointing save additionally needs `psutil` installed and a
+`if __name__ == "__main__":` guard in the saving script (its writer process is spawned).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed
+
+_APPLIED = False
+_CPU = torch.device("cpu")
+
+
+# --- 3. inert CUDA stream/event stand-ins ------------------------------------------------------
+
+
+class _CpuEvent:
+    """Stand-in for `torch.cuda.Event`: CPU work is synchronous, so it is always complete."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuStream:
+    """Stand-in for `torch.cuda.Stream`: one synchronous queue, nothing to wait for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Optional[_CpuEvent] = None) -> _CpuEvent:
+        return event if event is not None else _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_DEFAULT_STREAM = _CpuStream()
+
+
+# --- 4. CPU RNG tracker ------------------------------------------------------------------------
+
+
+def _make_cpu_rng_tracker_class() -> type:
+    """Build `CpuRNGStatesTracker` (subclass of megatron's tracker, so isinstance checks hold)."""
+    from megatron.core.tensor_parallel import random as mc_random
+
+    class CpuRNGStatesTracker(mc_random.CudaRNGStatesTracker):
+        """Named states of the CPU default generator; `fork(name)` runs its body on that state.
+
+        Same contract as `CudaRNGStatesTracker`: the state advanced inside a fork is kept for the
+        next fork of the same name, and the caller's state is restored on exit (nesting works).
+        """
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"cpu rng state {name} already exists")
+            outer_state = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer_state)
+
+        @contextlib.contextmanager
+        def fork(self, name: str = mc_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+            if name not in self.states_:
+                raise Exception(f"cpu rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+
+    return CpuRNGStatesTracker
+
+
+# --- 6. `torch` seen by modules that hard-code device="cuda" -----------------------------------
+
+
+def _cpu_if_cuda(device: Any) -> Any:
+    if device is not None and torch.device(device).type == "cuda":
+        return _CPU
+    return device
+
+
+class _CpuFactoryTorch(types.ModuleType):
+    """The `torch` module, except that tensor factories map a CUDA `device` to the CPU."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros(*args, device=_cpu_if_cuda(device), **kwargs)
+
+    @staticmethod
+    def empty(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        return torch.empty(*args, device=_cpu_if_cuda(device), **kwargs)
+
+    @staticmethod
+    def empty_like(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        return torch.empty_like(*args, device=_cpu_if_cuda(device), **kwargs)
+
+    @staticmethod
+    def tensor(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        return torch.tensor(*args, device=_cpu_if_cuda(device), **kwargs)
+
+
+# --- 7./8. gloo collectives --------------------------------------------------------------------
+
+
+def _as_split_list(split_sizes: Any) -> Optional[list]:
+    if split_sizes is None:
+        return None
+    if torch.is_tensor(split_sizes):
+        return split_sizes.tolist()
+    return [int(s) for s in split_sizes]
+
+
+def _wrap_all_to_all_single(original):
+    def all_to_all_single(
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: Any = None,
+        input_split_sizes: Any = None,
+        group: Any = None,
+        async_op: bool = False,
+    ):
+        """`all_to_all_single` with tensor/array split sizes given to gloo as Python lists."""
+        return original(
+            output,
+            input,
+            output_split_sizes=_as_split_list(output_split_sizes),
+            input_split_sizes=_as_split_list(input_split_sizes),
+            group=group,
+            async_op=async_op,
+        )
+
+    return all_to_all_single
+
+
+def _wrap_all_gather(original):
+    def all_gather(
+        tensor_list: Sequence[torch.Tensor],
+        tensor: torch.Tensor,
+        group: Any = None,
+        async_op: bool = False,
+    ):
+        """`all_gather`; outputs of different dim-0 sizes are gathered through padded buffers."""
+        if len({tuple(t.shape) for t in tensor_list}) <= 1:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        assert not async_op, "uneven all_gather emulation on gloo is synchronous only"
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        buffers = [torch.empty_like(padded) for _ in tensor_list]
+        original(buffers, padded, group=group)
+        for out, buf in zip(tensor_list, buffers):
+            out.copy_(buf[: out.shape[0]])
+        return None
+
+    return all_gather
+
+
+# --- 9. sequence-parallel tagging of the plain torch norm --------------------------------------
+
+
+def _patch_wrapped_torch_norm() -> None:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    original_new = WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        norm = original_new(
+            cls, dataclasses.replace(config, sequence_parallel=False), hidden_size, *args, **kwargs
+        )
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    WrappedTorchNorm.__new__ = staticmethod(__new__)
+
+
+def _clip_grad_by_total_norm_fp32_cpu(
+    parameters: Sequence[torch.Tensor],
+    max_norm: float,
+    total_norm: float,
+    use_decoupled_grad: bool = False,
+) -> None:
+    """megatron's `clip_grad_by_total_norm_fp32` without its CUDA-tensor assert and CUDA buffer."""
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff >= 1.0:
+        return
+    for param in parameters:
+        grad = param.decoupled_grad if use_decoupled_grad else param.grad
+        if grad is not None:
+            grad.detach().mul_(clip_coeff)
+
+
+def _patch_megatron_optimizer(cpu_torch: types.ModuleType) -> None:
+    """Let megatron's own optimizer stack (FP32Optimizer over torch AdamW, ChainedOptimizer with
+    model-parallel grad norms) run on CPU: its `device="cuda"` scalars map to the CPU and the
+    grad clipping skips the CUDA-only multi-tensor kernel."""
+    from megatron.core import utils as mc_utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    for module in (optimizer, clip_grads, mc_utils):
+        module.torch = cpu_torch
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+
+
+def apply_cpu_gloo_patches() -> None:
+    """Install the CPU/gloo shims listed in the module docstring; no-op if CUDA is available.
+
+    Call once per process before building megatron models or process groups (it imports
+    megatron-core). Idempotent.
+    """
+    global _APPLIED
+    if _APPLIED or torch.cuda.is_available():
+        return
+
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
+    torch.cuda.manual_seed = torch.manual_seed
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+    torch.distributed.all_to_all_single = _wrap_all_to_all_single(
+        torch.distributed.all_to_all_single
+    )
+    torch.distributed.all_gather = _wrap_all_gather(torch.distributed.all_gather)
+
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mc_random
+    from megatron.core.transformer.moe import moe_utils
+
+    cpu_torch = _CpuFactoryTorch("torch")  # one stand-in for all such modules
+    for module in (schedules, moe_utils):
+        module.torch = cpu_torch
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    mc_random.CudaRNGStatesTracker = _make_cpu_rng_tracker_class()
+    _patch_wrapped_torch_norm()
+    _patch_megatron_optimizer(cpu_torch)
+    _APPLIED = True

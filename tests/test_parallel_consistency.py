@@ -1,0 +1,154 @@
+"""One training step of a tiny GPT-MoE under several parallel layouts equals the single-device
+step: LM loss, MoE tracker values and every (reassembled) parameter gradient."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from megatron_patch.parallel_check.compare import Tolerance, compare, summarize
+from megatron_patch.parallel_check.layouts import BASELINE, Layout, parse_layout
+from megatron_patch.parallel_check.runner import Result, make_global_batch, run_layout
+
+MODEL_ARGS = {
+    "num_layers": 2,
+    "hidden_size": 32,
+    "ffn_hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_moe_experts": 4,
+    "moe_router_topk": 2,
+    "moe_ffn_hidden_size": 32,
+    "moe_aux_loss_coeff": 1e-2,
+    "moe_router_load_balancing_type": "aux_loss",
+    "moe_ortho_loss_coeff": "auto",
+    "moe_var_loss_coeff": "auto",
+    "seq_length": 16,
+    "vocab_size": 128,
+}
+# Large fixed coefficients make the L_o / L_v gradients a visible share of every gradient, so a
+# layout-dependent error in them cannot hide under the LM-loss gradient.
+STRONG_LOSSES = {**MODEL_ARGS, "moe_ortho_loss_coeff": 30.0, "moe_var_loss_coeff": 30.0,
+                 "moe_ortho_loss_form": "pairwise"}
+TRACKERS = ("load_balancing_loss", "ortho_loss", "var_loss")
+MICRO_BATCH_SIZE = 2
+GLOBAL_BATCH = make_global_batch(8, MODEL_ARGS["seq_length"], MODEL_ARGS["vocab_size"], seed=0)
+
+# fp32 on CPU is deterministic; layouts differ only in the order of floating-point sums (TP
+# partial products, all-reduces, gradient accumulation across micro-batches), so diffs are a few
+# fp32 ulps of each quantity's scale (seen: <= 6e-7 of max|ref|). rtol = 1e-5 (~80 ulps) leaves
+# headroom for that while any real error (a wrong shard, a missing 1/dp or 1/num_microbatches
+# scale, a dropped aux-loss term) moves some quantity by far more. atol only matters for
+# quantities that are ~0 in the baseline.
+TOLERANCE = Tolerance(rtol=1e-5, atol=1e-8)
+
+
+def _run(layout: Layout, model_args: dict = MODEL_ARGS) -> Result:
+    return run_layout(layout, model_args, GLOBAL_BATCH, MICRO_BATCH_SIZE, backend="gloo",
+                      tracker_names=TRACKERS)
+
+
+@pytest.fixture(scope="module")
+def baseline() -> Result:
+    return _run(BASELINE)
+
+
+@pytest.fixture(scope="module")
+def strong_baseline() -> Result:
+    return _run(BASELINE, STRONG_LOSSES)
+
+
+def _assert_consistent(result: Result, baseline: Result) -> None:
+    diffs = compare(result, baseline, TOLERANCE)
+    # loss, 3 trackers, every gradient, 2 coefficients
+    assert len(diffs) == 1 + len(TRACKERS) + len(baseline.grads) + 2
+    failed = [d for d in diffs if not d.passed]
+    assert not failed, "\n".join(map(str, failed))
+
+
+@pytest.mark.parametrize("spec", ["tp2sp", "ep2", "pp2", "dp2", "tp2ep2sp"])
+def test_layout_matches_single_device(spec: str, baseline: Result) -> None:
+    """L_aux, L_o, L_v, LM loss, all gradients and the auto-calibrated coefficients (equal on
+    every rank) match the one-process run."""
+    _assert_consistent(_run(parse_layout(spec)), baseline)
+
+
+def test_calibrated_coefficients_are_powers_of_ten(baseline: Result) -> None:
+    for rank in baseline.coefficients:
+        for values in rank.values():
+            assert values and all(math.log10(v) == round(math.log10(v)) for v in values)
+
+
+@pytest.mark.parametrize("spec", ["ep2", "tp2ep2etp1sp", "pp2"])
+def test_strong_specialization_losses_match_single_device(
+    spec: str, strong_baseline: Result
+) -> None:
+    _assert_consistent(_run(parse_layout(spec), STRONG_LOSSES), strong_baseline)
+
+
+def test_compare_flags_perturbed_gradient(baseline: Result) -> None:
+    name = next(iter(baseline.grads))
+    grads = dict(baseline.grads)
+    grads[name] = grads[name] * (1 + 1e-3)
+    perturbed = dataclasses.replace(baseline, grads=grads)
+    failed = [d for d in compare(perturbed, baseline, TOLERANCE) if not d.passed]
+    assert [d.name for d in failed] == [f"grad/{name}"]
+    assert not summarize(compare(perturbed, baseline, TOLERANCE))[-1].passed
+
+
+def test_compare_flags_missing_gradient(baseline: Result) -> None:
+    grads = dict(baseline.grads)
+    name, _ = grads.popitem()
+    failed = [d for d in compare(dataclasses.replace(baseline, grads=grads), baseline, TOLERANCE)
+              if not d.passed]
+    assert len(failed) == 1 and name in failed[0].name
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("tp2sp", Layout(tp=2, etp=2, sp=True)),
+        ("ep2", Layout(ep=2, dp=2)),
+        ("pp2", Layout(pp=2)),
+        ("tp2ep2sp", Layout(tp=2, ep=2, etp=2, dp=2, sp=True)),
+        ("tp2ep2etp1sp", Layout(tp=2, ep=2, etp=1, sp=True)),
+        ("ep2etp2", Layout(ep=2, etp=2, dp=4)),
+        ("dp4ep2", Layout(ep=2, dp=4)),
+    ],
+)
+def test_parse_layout(spec: str, expected: Layout) -> None:
+    layout = parse_layout(spec)
+    assert layout == expected
+    assert layout.world_size == layout.tp * layout.pp * layout.dp
+    assert parse_layout(str(layout)) == layout
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("tp2", "add sp"),
+        ("sp", "needs tp > 1"),
+        ("ep2etp2dp1", "must divide"),
+        ("ep4dp2", "must divide"),
+        ("tp2tp2sp", "given twice"),
+        ("tp0sp", ">= 1"),
+        ("cp2", "cannot parse"),
+        ("", "cannot parse"),
+    ],
+)
+def test_parse_layout_errors(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_layout(spec)
+
+
+def test_cpu_patches_leave_gpu_path_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron_patch import cpu_compat
+
+    current_device = torch.cuda.current_device
+    monkeypatch.setattr(cpu_compat, "_APPLIED", False)  # other tests may have applied them
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cpu_compat.apply_cpu_gloo_patches()
+    assert torch.cuda.current_device is current_device
+    assert not cpu_compat._APPLIED
