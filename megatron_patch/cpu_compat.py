@@ -34,12 +34,14 @@ Shims, and why:
    With SP the norm is built as usual and its parameters are tagged `sequence_parallel = True`,
    exactly as megatron's `FusedLayerNorm` does, so `finalize_model_grads` all-reduces their grads
    over the TP group (each TP rank only sees its sequence shard).
-10. `moe_utils.te_general_gemm` is only defined when Transformer Engine imports, but the router's
-   `RouterGatingLinearFunction` reads it unguarded: set to None (the torch.mm path).
-11. megatron's optimizer (`get_megatron_optimizer`): its `device="cuda"` scalars (FP32Optimizer,
+10. megatron's optimizer (`get_megatron_optimizer`): its `device="cuda"` scalars (FP32Optimizer,
     grad-norm helpers in `clip_grads` and `megatron.core.utils`) see the CPU-mapping `torch`, and
     `clip_grad_by_total_norm_fp32` (asserts CUDA tensors, scales with a CUDA kernel) is replaced
     by a plain in-place scaling. The training loop thus runs megatron's optimizer on CPU too.
+11. Activation recomputation (`tensor_parallel.checkpoint`, used by `--recompute-granularity`
+    and MoE recompute) saves and restores the CUDA RNG state around the recomputed forward. On
+    CPU there is none: `_get_cuda_rng_state` returns the CPU state and `_set_cuda_rng_state` does
+    nothing (the CPU state itself is restored by megatron's `_set_all_rng_states`).
 
 Not needed and not shimmed: context parallel, virtual pipeline, overlap_grad_reduce, persistent
 async checkpoint save. dist_checkpointing save additionally needs `psutil` installed and a
@@ -315,10 +317,10 @@ def apply_cpu_gloo_patches() -> None:
     cpu_torch = _CpuFactoryTorch("torch")  # one stand-in for all such modules
     for module in (schedules, moe_utils):
         module.torch = cpu_torch
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
     mc_random.CudaRNGStatesTracker = _make_cpu_rng_tracker_class()
+    mc_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mc_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _patch_wrapped_torch_norm()
     _patch_megatron_optimizer(cpu_torch)
     _APPLIED = True

@@ -1,6 +1,5 @@
 """Shared fixtures; also puts the repository root on sys.path so tests run from a plain checkout."""
 
-import os
 import socket
 import sys
 from pathlib import Path
@@ -28,9 +27,9 @@ def single_process_megatron():
 
     apply_cpu_gloo_patches()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # An explicit init_method: MASTER_PORT in os.environ would leak into subprocesses.
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(1234)
     yield

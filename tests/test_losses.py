@@ -155,3 +155,17 @@ def test_variance_loss_extremes():
     one_hot = torch.eye(4)[:3]
     # Unbiased variance of a one-hot over 4 entries: (3 * (1/4)^2 + (3/4)^2) / 3 = 1/4.
     assert variance_loss(one_hot).item() == pytest.approx(-0.25)
+
+
+@pytest.mark.parametrize("form", ["span", "pairwise"])
+def test_half_precision_gradient_matches_float32(form):
+    """bf16 outputs: the float32-accumulated Gram path gives the float32 loss's gradient."""
+    torch.manual_seed(6)
+    x16 = torch.randn(32, 4, 64).bfloat16().requires_grad_(True)
+    x32 = x16.detach().float().requires_grad_(True)
+    orthogonality_loss(x16, form=form).backward()
+    orthogonality_loss(x32, form=form).backward()
+    assert x16.grad.dtype == torch.bfloat16
+    # bf16 keeps ~3 significant digits: compare the whole gradient, relative to its norm.
+    error = (x16.grad.float() - x32.grad).norm() / x32.grad.norm()
+    assert error < 1e-2

@@ -186,3 +186,34 @@ def test_capacity_dropping_counts_only_kept_slots(single_process_megatron, pad):
     assert tracked("ortho_loss") == pytest.approx(total / slots, rel=1e-5)
     weighted = (probs * kept).unsqueeze(-1) * outs
     torch.testing.assert_close(out.reshape(-1, HIDDEN), weighted.sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_moe_recompute_gives_the_same_losses_and_gradients(single_process_megatron):
+    """Under selective MoE recompute the first forward runs without grad (no loss attached) and
+    the recomputation attaches L_o / L_v, as megatron does with its aux loss."""
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    grads, values, weights = [], [], None
+    for recompute in ({}, {"recompute_granularity": "selective", "recompute_modules": ["moe"]}):
+        layer = build_layer(make_config(**recompute))
+        assert layer.moe_layer_recompute == bool(recompute)
+        weights = weights or layer.state_dict()
+        layer.load_state_dict(weights)
+        clear_aux_losses_tracker()
+        inp = x.clone().requires_grad_(True)
+        out, _ = layer(inp)
+        out.square().sum().backward()
+        grads.append([inp.grad] + [p.grad for p in layer.parameters()])
+        values.append((tracked("ortho_loss"), tracked("var_loss")))
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_var_loss_on_sigmoid_scores(single_process_megatron):
+    """With sigmoid routing L_v uses the raw sigmoid gates of all experts (before top-k)."""
+    layer = build_layer(make_config(moe_router_score_function="sigmoid", moe_ortho_loss_coeff=0.0))
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    clear_aux_losses_tracker()
+    layer(x)
+    gates = torch.sigmoid(x.reshape(-1, HIDDEN) @ layer.router.weight.t())
+    assert tracked("var_loss") == pytest.approx(variance_loss(gates).item(), rel=1e-5)

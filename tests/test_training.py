@@ -30,8 +30,15 @@ def data_flags(tiny_data):
             "--tokenizer-model", tiny_data.tokenizer]
 
 
+def clean_env(**extra):
+    """The test process's environment without rendezvous variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def pretrain(args, *, torchrun_procs=None, timeout=300, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = clean_env()
     if torchrun_procs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                str(torchrun_procs), "--master-port", str(_port()),
@@ -78,7 +85,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", *TINY,
            *data_flags(tiny_data), "--train-iters", "500", "--save", str(save)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, env=clean_env())
     deadline = time.time() + 240
     while time.time() < deadline and not (save / "metrics.jsonl").exists():
         time.sleep(0.5)
@@ -100,10 +107,9 @@ def test_torchrun_launcher_ep2_and_reshard_to_one_process(tiny_data, tmp_path):
         "eval_interval: 3", "eval_iters: 1", "expert_model_parallel_size: 2",
         "moe_ortho_loss_coeff: 0.1", "moe_var_loss_coeff: 0.1", "no_progress_bar: true",
     ]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPUS_PER_NODE": "2",
-           "MASTER_PORT": str(_port()), "OUTPUT_DIR": str(tmp_path / "run"),
-           "DATA_PATH": tiny_data.train, "VALID_DATA_PATH": tiny_data.valid,
-           "TOKENIZER_MODEL": tiny_data.tokenizer, "PYTHON": sys.executable}
+    env = clean_env(GPUS_PER_NODE="2", MASTER_PORT=str(_port()), OUTPUT_DIR=str(tmp_path / "run"),
+                    DATA_PATH=tiny_data.train, VALID_DATA_PATH=tiny_data.valid,
+                    TOKENIZER_MODEL=tiny_data.tokenizer, PYTHON=sys.executable)
     proc = subprocess.run(["bash", "examples/pretrain/run_pretrain_moe.sh", str(config)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -179,3 +185,13 @@ def test_flag_validation_without_processes(tmp_path):
     good_yaml.write_text("num-layers: 6\nhidden_size: 96\n")
     args = parse_args(["--config", str(good_yaml), "--hidden-size", "64"])
     assert (args.num_layers, args.hidden_size) == (6, 64)
+
+
+def test_tensorboard_and_offline_wandb_logs(tiny_data, tmp_path):
+    pretrain(TINY + data_flags(tiny_data) + [
+        "--train-iters", "2", "--tensorboard-dir", str(tmp_path / "tb"),
+        "--wandb-project", "test", "--wandb-save-dir", str(tmp_path / "wandb"),
+        "--log-per-layer-moe-metrics"])
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb"))

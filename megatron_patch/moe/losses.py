@@ -15,9 +15,8 @@ Orthogonality loss L_o
       || <x_i, x_j> / (<x_j, x_j> + eps) x_j ||^2 = G_ij^2 G_jj / (G_jj + eps)^2.
 
     L_o is the sum over tokens and slots divided by the number of slots (T * k). Everything is a
-    function of G, which is computed in float32 (float64 input stays float64); the (k-1) x (k-1)
-    solves of the span form run in float64 so duplicated outputs (a singular G_{-i}) stay
-    accurate. A zero row contributes nothing and does not change the other slots' values, so
+    function of G, which is computed in float32 (float64 input stays float64); the k x k inverse
+    of the span form runs in float64 so duplicated outputs (a near-singular G) stay accurate. A zero row contributes nothing and does not change the other slots' values, so
     padded or dropped slots may be filled with zeros as long as they are not counted.
 
 Variance loss L_v
@@ -35,6 +34,28 @@ OrthoForm = Literal["span", "pairwise"]
 ORTHO_FORMS: tuple[str, ...] = ("span", "pairwise")
 
 
+class _HalfPrecisionGram(torch.autograd.Function):
+    """G = X X^T for bf16/fp16 X with float32 accumulation and output, without a float32 copy of X.
+
+    Forward uses ``bmm(..., out_dtype=float32)`` on CUDA (a plain float32 product elsewhere);
+    backward: dX = (dG + dG^T) X, in X's dtype with float32 accumulation, like autocast would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        if x.is_cuda:
+            return torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
+        x32 = x.float()
+        return torch.bmm(x32, x32.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_gram: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        symmetric = (grad_gram + grad_gram.transpose(1, 2)).to(x.dtype)
+        return torch.bmm(symmetric, x)
+
+
 def gram_matrices(expert_outputs: torch.Tensor) -> torch.Tensor:
     """Per-token Gram matrices.
 
@@ -42,43 +63,37 @@ def gram_matrices(expert_outputs: torch.Tensor) -> torch.Tensor:
         expert_outputs: [T, k, H] expert outputs, any floating dtype.
 
     Returns:
-        [T, k, k] G_t = X_t X_t^T in float32 (float64 if the input is float64).
+        [T, k, k] G_t = X_t X_t^T in float32 (float64 if the input is float64). bf16/fp16
+        inputs are multiplied in their own dtype with float32 accumulation and output.
     """
+    if expert_outputs.dtype in (torch.bfloat16, torch.float16):
+        return _HalfPrecisionGram.apply(expert_outputs)
     compute_dtype = torch.float64 if expert_outputs.dtype == torch.float64 else torch.float32
     x = expert_outputs.to(compute_dtype)
     return torch.bmm(x, x.transpose(1, 2))
 
 
-def _others_index(k: int, device: torch.device) -> torch.Tensor:
-    """[k, k-1] index: row i lists the slots j != i in increasing order."""
-    full = torch.arange(k, device=device).expand(k, k)
-    keep = ~torch.eye(k, dtype=torch.bool, device=device)
-    return full[keep].view(k, k - 1)
-
-
 def span_projection_norms(gram: torch.Tensor, eps: float) -> torch.Tensor:
     """Squared norms of each slot's projection onto the span of the token's other slots.
 
+    With M = G + eps I, the Schur complement of slot i in M is 1 / (M^-1)_ii, so
+    g_i^T (G_{-i} + eps I)^{-1} g_i = M_ii - 1 / (M^-1)_ii: one k x k inverse per token (in
+    float64) gives all k slots.
+
     Args:
         gram: [T, k, k] per-token Gram matrices.
-        eps: ridge added to the diagonal of the other slots' Gram matrix.
+        eps: ridge added to the diagonal.
 
     Returns:
         [T, k] values g_i^T (G_{-i} + eps I)^{-1} g_i, in the dtype of ``gram``.
     """
-    num_tokens, k, _ = gram.shape
+    k = gram.shape[-1]
     if k == 1:
         # Nothing to project onto; keep the result attached to the graph (zero gradient).
         return gram.diagonal(dim1=1, dim2=2) * 0.0
-    others = _others_index(k, gram.device)
-    g64 = gram.to(torch.float64)
-    # [T, k, k-1, k-1]: the Gram matrix of the slots other than i, for each i.
-    g_others = g64[:, others.unsqueeze(-1), others.unsqueeze(-2)]
-    g_others = g_others + eps * torch.eye(k - 1, dtype=g64.dtype, device=g64.device)
-    # [T, k, k-1]: inner products of slot i with the other slots.
-    g_cross = torch.gather(g64, 2, others.unsqueeze(0).expand(num_tokens, k, k - 1))
-    coeffs = torch.linalg.solve(g_others, g_cross.unsqueeze(-1)).squeeze(-1)
-    return (g_cross * coeffs).sum(-1).to(gram.dtype)
+    ridge = gram.to(torch.float64) + eps * torch.eye(k, dtype=torch.float64, device=gram.device)
+    inverse_diag = torch.linalg.inv(ridge).diagonal(dim1=1, dim2=2)
+    return (ridge.diagonal(dim1=1, dim2=2) - inverse_diag.reciprocal()).to(gram.dtype)
 
 
 def pairwise_projection_norms(gram: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_patch.moe.attach import attach_mean_loss, global_count
@@ -18,6 +19,13 @@ from megatron_patch.moe.coefficients import (
 from megatron_patch.moe.config import SpecializationConfig
 from megatron_patch.moe.losses import routing_variance_per_token
 from megatron_patch.moe.metrics import record_routing, routing_stats_enabled
+
+
+# megatron-core 0.16.1 defines moe_utils.te_general_gemm only when Transformer Engine imports, but
+# its router gating reads it unguarded (NameError without TE, on CPU and GPU alike). None selects
+# the plain torch matmul path it already has.
+if not hasattr(moe_utils, "te_general_gemm"):
+    moe_utils.te_general_gemm = None
 
 
 def routing_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:

@@ -151,6 +151,7 @@ def save_checkpoint(
     consumed_samples: int,
     signature: dict[str, Any],
     keep_last: int,
+    args: Optional[argparse.Namespace] = None,
 ) -> Path:
     """Collective: write ``iter_<iteration>`` atomically, update ``latest``, prune old ones."""
     final = checkpoint_path(root, iteration)
@@ -166,6 +167,8 @@ def save_checkpoint(
         "signature": signature,
         "world_size": dist.get_world_size(),
         "num_optimizers": _num_optimizers(optimizer),
+        # The run's flags, so tools (e.g. the specialization analysis) can rebuild the model.
+        "args": vars(args) if args is not None else None,
     }
     dist_checkpointing.save(
         _sharded_state(model, optimizer, scheduler, common, is_loading=False), str(tmp)

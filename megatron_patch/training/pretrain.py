@@ -190,7 +190,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.save and (periodic or stop or iteration == args.train_iters):
             last_save = save_checkpoint(
                 args.save, iteration, model, optimizer, scheduler, consumed_samples=consumed,
-                signature=signature, keep_last=args.keep_last,
+                signature=signature, keep_last=args.keep_last, args=args,
             )
             logger.message(f"saved checkpoint {last_save}")
         if stop:

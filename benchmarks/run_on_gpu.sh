@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The prepared single-GPU check: unit tests, a bf16 training smoke run and the loss benchmark.
+# BENCH=0 skips the benchmark. Run from the repository root on a GPU machine whose Python lacks megatron-core: WHEELS points
+# at a folder of wheels to install first (megatron-core 0.16.1 for that Python). Results go to
+# OUT (default ./gpu_results).
+set -uo pipefail
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+if [[ -n "${WHEELS:-}" ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import sys, torch, megatron.core as m; print(sys.version.split()[0], torch.__version__, m.__version__)"
+} 2>&1 | tee "$OUT/device.txt"
+
+timeout 180 python3 -m pytest -q -p no:warnings tests/test_losses.py tests/test_grouping.py \
+    tests/test_moe_layer.py 2>&1 | tail -5 | tee "$OUT/pytest.txt"
+
+timeout 240 python3 -m megatron_patch.training.pretrain \
+    --config examples/pretrain/configs/tiny_cpu.yaml --expert-model-parallel-size 1 \
+    --bf16 --use-distributed-optimizer --train-iters 40 --eval-interval 40 \
+    --data-path data/corpus_train --valid-data-path data/corpus_valid \
+    --tokenizer-model data/tokenizer.model --save /tmp/gpu_run --no-progress-bar 2>&1 \
+    | grep -v -i "warn" | tail -25 | tee "$OUT/train.txt"
+cp /tmp/gpu_run/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
+
+if [[ "${BENCH:-1}" == 1 ]]; then
+    timeout 420 python3 benchmarks/bench_moe_losses.py --device cuda --output "$OUT/benchmarks.md" \
+        2>&1 | tail -80 | tee "$OUT/bench.txt"
+fi
