@@ -217,3 +217,19 @@ def test_var_loss_on_sigmoid_scores(single_process_megatron):
     layer(x)
     gates = torch.sigmoid(x.reshape(-1, HIDDEN) @ layer.router.weight.t())
     assert tracked("var_loss") == pytest.approx(variance_loss(gates).item(), rel=1e-5)
+
+
+def test_per_token_loss_mode_scales_like_megatron_aux_losses(single_process_megatron):
+    """With calculate_per_token_loss megatron later divides gradients by the token count, so the
+    attached losses are multiplied by this rank's tokens (as megatron-core does for aux losses)."""
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    grads, weights = [], None
+    for per_token in (False, True):
+        layer = build_layer(make_config(calculate_per_token_loss=per_token))
+        weights = weights or layer.state_dict()
+        layer.load_state_dict(weights)
+        out, _ = layer(x)
+        (out * 0).sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters() if p.grad is not None])
+    for plain, scaled in zip(*grads):
+        torch.testing.assert_close(scaled, plain * SEQ * BATCH, rtol=1e-5, atol=1e-9)

@@ -20,6 +20,7 @@ from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     save_to_aux_losses_tracker,
 )
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def global_count(
@@ -57,13 +58,13 @@ def attach_mean_loss(
     *,
     local_sum: torch.Tensor,
     count: torch.Tensor,
+    local_tokens: Union[int, torch.Tensor],
     coeff: torch.Tensor,
     name: str,
+    config: TransformerConfig,
     layer_number: Optional[int],
-    num_layers: int,
     reduce_group: Optional[dist.ProcessGroup],
     attach: bool,
-    per_token_loss_tokens: Optional[Union[int, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Log ``local_sum / count`` under ``name`` and attach ``coeff`` times it to ``activation``.
 
@@ -71,27 +72,28 @@ def attach_mean_loss(
         activation: tensor the loss rides on; returned unchanged in value.
         local_sum: scalar, this rank's sum of the per-item loss (with its graph).
         count: scalar, the item count summed over ``reduce_group`` (see ``global_count``).
+        local_tokens: this rank's token count; with ``config.calculate_per_token_loss`` megatron
+            divides gradients by the token count later, so the attached loss is multiplied by
+            it, as megatron-core does for its aux losses.
         coeff: scalar coefficient tensor (a module buffer, so checkpoints carry it).
         name: tracker name, e.g. ``"ortho_loss"``.
+        config: the model config (layer count for the tracker, per-token-loss mode).
         layer_number: 1-based global layer number for per-layer logging; None skips logging.
-        num_layers: number of layers of the model (tracker vector length).
         reduce_group: group whose partial values sum to the micro-batch mean (TP x CP); the
             tracker also averages over DP when it is reduced for logging.
         attach: False records the value only (evaluation statistics, coefficient calibration).
-        per_token_loss_tokens: with ``calculate_per_token_loss`` megatron divides gradients by
-            the token count later, so the attached loss is multiplied by this rank's tokens,
-            as megatron-core does for its aux losses.
 
     Returns:
         ``activation``, with the loss attached when ``attach`` is True.
     """
     value = local_sum / count.clamp(min=1.0)
+    num_layers = config.num_layers + (config.mtp_num_layers or 0)
     save_to_aux_losses_tracker(
         name, value, layer_number, num_layers, reduce_group=reduce_group
     )
     if not attach:
         return activation
     loss = value * coeff.to(value.dtype)
-    if per_token_loss_tokens is not None:
-        loss = loss * per_token_loss_tokens
+    if config.calculate_per_token_loss:
+        loss = loss * local_tokens
     return MoEAuxLossAutoScaler.apply(activation, loss)

@@ -91,19 +91,17 @@ class SpecializationMoELayer(MoELayer):
         per_slot = orthogonality_loss_per_slot(
             grouped, form=self.config.moe_ortho_loss_form, eps=self.config.moe_ortho_loss_eps
         )
-        num_tokens = grouped.shape[0]
         dropless = self.config.moe_expert_capacity_factor is None
         count = global_count(num_slots, self.tp_cp_group, rows.device, uniform=dropless)
-        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         return attach_mean_loss(
             rows,
             local_sum=per_slot.sum(),
             count=count,
+            local_tokens=grouped.shape[0],
             coeff=self.ortho_loss_coeff,
             name=ORTHO_LOSS_NAME,
+            config=self.config,
             layer_number=self.layer_number,
-            num_layers=num_layers,
             reduce_group=self.tp_cp_group,
             attach=attach,
-            per_token_loss_tokens=num_tokens if self.config.calculate_per_token_loss else None,
         )

@@ -113,16 +113,15 @@ class SpecializationRouter(TopKRouter):
         count = global_count(
             local_tokens, self.tp_cp_group, variances.device, uniform=padding_mask is None
         )
-        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         return attach_mean_loss(
             probs,
             local_sum=local_sum,
             count=count,
+            local_tokens=local_tokens,
             coeff=self.var_loss_coeff,
             name=VAR_LOSS_NAME,
+            config=self.config,
             layer_number=self.layer_number,
-            num_layers=num_layers,
             reduce_group=self.tp_cp_group,
             attach=attach,
-            per_token_loss_tokens=local_tokens if self.calculate_per_token_loss else None,
         )
