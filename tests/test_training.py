@@ -87,7 +87,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_data, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=clean_env())
     deadline = time.time() + 240
-    while time.time() < deadline and not (save / "metrics.jsonl").exists():
+    metrics = save / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)

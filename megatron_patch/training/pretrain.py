@@ -116,6 +116,7 @@ def _per_layer_scalars(moe: dict, routing: dict) -> dict[str, float]:
 
 def train(args: argparse.Namespace) -> dict:
     """Run the whole job; returns the summary (also written to ``--save``/summary.json)."""
+    exit_signal = _ExitSignal()  # before any slow set-up, so an early preemption is not lost
     device = initialize(args)
     tokenizer = load_tokenizer(args.tokenizer_model)
     config = build_config(args)
@@ -147,7 +148,6 @@ def train(args: argparse.Namespace) -> dict:
         )
         logger.message(f"calibrated coefficients: {coeffs}")
 
-    exit_signal = _ExitSignal()
     enable_routing_stats(config.num_layers, config.num_moe_experts, device)
     tokens_per_step = args.global_batch_size * args.seq_length
     last_save, valid_loss, loss = None, None, None

@@ -1,0 +1,121 @@
+"""The specialization ablation: the report's statistics on hand-made runs, and the script end to end
+in its smallest setting (--smoke: variants a and d, 2 steps of a toy model, one seed)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import ablation_report  # noqa: E402
+
+
+def _fake_run(root: Path, name: str, valid_loss: float, overlap: float, steps: int = 20):
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "analysis").mkdir()
+    with open(run / "checkpoints" / "metrics.jsonl", "w") as f:
+        for it in range(1, steps + 1):
+            f.write(json.dumps({"split": "train", "iteration": it, "lm_loss": 5.0 - it / steps,
+                                "max_vio": 0.5, "tokens_per_s": 1000.0 + it,
+                                "routing_entropy": 2.0, "load_balancing_loss": 1.0}) + "\n")
+        f.write(json.dumps({"split": "valid", "iteration": steps, "lm_loss": valid_loss}) + "\n")
+    mean = {key: 0.1 for key in ("routing_overlap", "routing_overlap_same_domain",
+                                 "routing_overlap_cross_domain", "routing_variance",
+                                 "routing_entropy", "max_vio", "silhouette",
+                                 "output_similarity_mean", "weight_similarity_mean", "domain_mi",
+                                 "domain_nmi", "domain_mi_over_domain_entropy")}
+    mean["expert_overlap"] = overlap
+    mean["silhouette"] = None  # NaN in the analysis JSON
+    (run / "analysis" / "specialization.json").write_text(json.dumps({
+        "mean": mean, "lm_loss": valid_loss, "num_tokens": 100, "domains": ["x", "y"],
+        "model": {"num_layers": 2, "hidden_size": 8, "num_experts": 4, "topk": 2,
+                  "score_function": "softmax", "moe_layers": [1, 2]},
+        "layers": [{"load": [0.4, 0.3, 0.2, 0.1]}, {"load": [0.25] * 4}]}))
+    (run / "timing.json").write_text('{"train_s": 10.0, "analysis_s": 2.0}')
+    (run / "command.txt").write_text(
+        "run_pretrain_moe.sh p --moe-ortho-loss-coeff 0.1 --moe-var-loss-coeff 0 --seed 1\n")
+    (run / "done").touch()
+
+
+def test_report_statistics_on_hand_made_runs(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "a_seed1", 3.0, 0.5)
+    _fake_run(runs, "a_seed2", 4.0, 0.7)
+    _fake_run(runs, "b_seed1", 2.0, 0.2)
+    _fake_run(runs, "b_seed2", 4.0, 0.3)  # b_seed3 and a_seed3 never finished
+    (runs / "b_seed3").mkdir()
+    out = tmp_path / "report"
+    assert ablation_report.main(["--runs-dir", str(runs), "--output-dir", str(out),
+                                 "--variants", "a b", "--seeds", "1 2 3", "--no-plots",
+                                 "--command", "my command"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    a = result["summary"]["a"]["stats"]
+    assert a["valid_loss"]["mean"] == pytest.approx(3.5)
+    assert a["valid_loss"]["std"] == pytest.approx(math.sqrt(0.5))  # sample std, n - 1
+    assert a["valid_loss"]["n"] == 2
+    assert a["valid_ppl"]["mean"] == pytest.approx((math.exp(3) + math.exp(4)) / 2)
+    assert a["silhouette"]["n"] == 0  # all NaN -> no value
+    assert a["tokens_per_s"]["mean"] == pytest.approx(1011.0)  # median after the first 5%
+    paired = result["summary"]["b"]["paired_diff_vs_a"]
+    assert paired["expert_overlap"]["mean"] == pytest.approx(-0.35)  # (-0.3 - 0.4) / 2
+    assert paired["valid_loss"]["mean"] == pytest.approx(-0.5)
+    assert sorted(result["missing_runs"]) == ["a_seed3", "b_seed3"]
+    text = (out / "results.md").read_text()
+    assert "my command" in text and "**Incomplete**" in text
+    assert "| a: aux loss only | 2 | 3.5 ± 0.71 |" in text
+    assert "`--moe-ortho-loss-coeff 0.1 --moe-var-loss-coeff 0`" in text
+
+
+def test_smoke_ablation_end_to_end(tiny_data, tmp_path):
+    pytest.importorskip("matplotlib")
+    from conftest import _free_port
+
+    out = tmp_path / "report"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()),
+           "DATA_PATH": tiny_data.train, "VALID_DATA_PATH": tiny_data.valid,
+           "TOKENIZER_MODEL": tiny_data.tokenizer, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", "examples/pretrain/specialization_ablation.sh", "--smoke",
+         "--runs-dir", str(tmp_path / "runs"), "--output-dir", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["summary"]) == {"a", "d"} and result["missing_runs"] == []
+    assert result["iterations"] == {"a_seed1": 2, "d_seed1": 2}
+    for v in ("a", "d"):
+        stats = result["summary"][v]["stats"]
+        assert stats["valid_loss"]["n"] == 1 and stats["valid_loss"]["mean"] > 0
+        assert 0 <= stats["expert_overlap"]["mean"] <= 1
+        assert stats["tokens_per_s"]["mean"] > 0
+    assert result["machine"]["megatron_core"] == "0.16.1"
+    text = (out / "results.md").read_text()
+    assert "| a: aux loss only | 1 |" in text and "| d: + L_o + L_v | 1 |" in text
+    assert "--smoke" in text and "One seed only" in text
+    for name in ("metrics.png", "curves.png", "load_sorted.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in text
+    # The flags of variant d reached the training run.
+    command = (tmp_path / "runs" / "d_seed1" / "command.txt").read_text()
+    assert "--moe-ortho-loss-coeff 0.1" in command and "--moe-var-loss-coeff 0.1" in command
+
+
+def test_script_passes_shellcheck_and_rejects_bad_input():
+    import shutil
+
+    script = "examples/pretrain/specialization_ablation.sh"
+    proc = subprocess.run(["bash", script, "--variants", "a z"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "unknown variant z" in proc.stderr
+    proc = subprocess.run(["bash", script, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "--quick" in proc.stdout
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed")
+    proc = subprocess.run(["shellcheck", script], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
