@@ -196,3 +196,20 @@ def test_tensorboard_and_offline_wandb_logs(tiny_data, tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_orthogonal_optimizer_trains_and_resumes_mid_phase(tiny_data, tmp_path):
+    """One flag enables OMoE; a run stopped inside an orthogonal phase resumes identically."""
+    flags = TINY + data_flags(tiny_data) + [
+        "--train-iters", "6", "--moe-orthogonal-optimizer", "--moe-orthogonal-accumulate-steps",
+        "1", "--moe-orthogonal-steps", "2", "--moe-orthogonal-alpha", "0.1"]
+    pretrain(flags + ["--save", str(tmp_path / "full")])
+    full = train_losses(tmp_path / "full")
+    plain = TINY + data_flags(tiny_data) + ["--train-iters", "6"]
+    pretrain(plain + ["--save", str(tmp_path / "plain")])
+    assert full != train_losses(tmp_path / "plain")  # the projection changes training
+    assert full[-1][1] < full[0][1]
+
+    pretrain(flags + ["--save", str(tmp_path / "resumed"), "--exit-interval", "2"])
+    pretrain(flags + ["--save", str(tmp_path / "resumed"), "--load", str(tmp_path / "resumed")])
+    assert train_losses(tmp_path / "resumed") == full

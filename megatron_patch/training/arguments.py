@@ -65,6 +65,20 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-grouped-gemm", action="store_true", help="grouped GEMM experts (GPU)")
     g.add_argument("--moe-permute-fusion", action="store_true")
     add_specialization_args(parser)
+    o = parser.add_argument_group("orthogonal expert optimizer (OMoE, arXiv 2310.09762)")
+    o.add_argument("--moe-orthogonal-optimizer", action="store_true",
+                   help="alternate plain steps with steps whose expert gradients are projected "
+                   "orthogonally to the other experts' subspace")
+    o.add_argument("--moe-orthogonal-accumulate-steps", type=int, default=4,
+                   help="N: plain steps of each cycle")
+    o.add_argument("--moe-orthogonal-steps", type=int, default=1,
+                   help="M: projected steps of each cycle (0: the base optimizer only)")
+    o.add_argument("--moe-orthogonal-alpha", type=float, default=1.0,
+                   help="OWM regularizer a of P = a (S_others + a I)^-1")
+    o.add_argument("--moe-orthogonal-subspace", choices=("weights",), default="weights",
+                   help="what spans another expert's subspace: its current weight rows/columns")
+    o.add_argument("--moe-orthogonal-params", choices=("fc1", "fc2", "both"), default="both",
+                   help="which expert weight matrices are projected")
 
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,11 @@ from megatron_patch.data.tokenizer import load_tokenizer
 from megatron_patch.moe.calibration import calibrate_coefficients, needs_calibration
 from megatron_patch.moe.config import SpecializationConfigError
 from megatron_patch.moe.metrics import enable_routing_stats, reduce_routing_stats
+from megatron_patch.optimizer.orthogonal import (
+    OrthogonalExpertOptimizer,
+    OrthogonalOptimizerConfig,
+    OrthogonalOptimizerError,
+)
 from megatron_patch.training.arguments import ArgumentError, parse_args
 from megatron_patch.training.checkpointing import (
     CheckpointMismatchError,
@@ -47,7 +52,7 @@ from megatron_patch.training.optimizer import build_optimizer
 # Bad input: reported as one clear message (exit status 2) instead of a traceback.
 USER_ERRORS = (
     ArgumentError, DataError, CheckpointMismatchError, SpecializationConfigError,
-    NonFiniteLossError, FileNotFoundError,
+    NonFiniteLossError, FileNotFoundError, OrthogonalOptimizerError,
 )
 
 
@@ -129,6 +134,18 @@ def train(args: argparse.Namespace) -> dict:
     if args.load:
         iteration, consumed = load_checkpoint(
             args.load, model, optimizer, scheduler, signature=signature
+        )
+    if args.moe_orthogonal_optimizer:
+        optimizer = OrthogonalExpertOptimizer(
+            optimizer, model,
+            OrthogonalOptimizerConfig(
+                accumulate_steps=args.moe_orthogonal_accumulate_steps,
+                orthogonal_steps=args.moe_orthogonal_steps,
+                alpha=args.moe_orthogonal_alpha,
+                subspace=args.moe_orthogonal_subspace,
+                params=args.moe_orthogonal_params,
+            ),
+            start_step=iteration,
         )
     train_ds, valid_ds = build_train_valid_datasets(
         args.data_path, args.split, args.seq_length, args.seed,
