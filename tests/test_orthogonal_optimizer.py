@@ -15,14 +15,22 @@ from megatron_patch.optimizer.orthogonal import (
     OrthogonalOptimizerError,
     project_expert_gradients,
 )
-from megatron_patch.optimizer.projection import (
-    owm_projector,
-    owm_update,
-    projectors_from_moments,
-    second_moment,
-)
+from megatron_patch.optimizer.projection import project, second_moment
 
 H, F, E = 8, 3, 4
+
+
+def owm_projector(vectors: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OWM's P = I - A (A^T A + alpha I)^{-1} A^T for the columns of A [d, n] (reference)."""
+    a = vectors.to(torch.float64)
+    gram = a.T @ a + alpha * torch.eye(a.shape[1], dtype=a.dtype)
+    return torch.eye(a.shape[0], dtype=a.dtype) - a @ torch.linalg.solve(gram, a.T)
+
+
+def owm_update(projector: torch.Tensor, vector: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OWM's recursive update with one new spanning vector: k = P r; P - k k^T / (a + r^T k)."""
+    k = projector @ vector
+    return projector - torch.outer(k, k) / (alpha + vector @ k)
 
 
 def fake_experts(weights1, weights2, grads1, grads2):
@@ -45,8 +53,11 @@ def test_woodbury_form_equals_owm_projector_and_its_recursion():
     torch.manual_seed(0)
     a = torch.randn(6, 3, dtype=torch.float64)  # 3 spanning vectors in R^6
     direct = owm_projector(a, alpha=0.5)
-    woodbury = projectors_from_moments(torch.zeros(1, 6, 6), second_moment(a.T), 0.5)[0]
-    torch.testing.assert_close(woodbury.double(), direct, rtol=1e-5, atol=1e-6)
+    eye = torch.eye(6, dtype=torch.float64)
+    woodbury = project(eye, second_moment(a.T), 0.5, side="left")  # P applied to I is P
+    torch.testing.assert_close(woodbury, direct, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(project(eye, second_moment(a.T), 0.5, side="right"), direct,
+                               rtol=1e-10, atol=1e-12)
     recursive = torch.eye(6, dtype=torch.float64)
     for column in a.T:
         recursive = owm_update(recursive, column, alpha=0.5)

@@ -32,7 +32,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from megatron_patch.optimizer.projection import projectors_from_moments, second_moment
+from megatron_patch.optimizer.projection import project, second_moment
 
 SUBSPACES = ("weights",)
 PARAMS = ("fc1", "fc2", "both")
@@ -103,13 +103,12 @@ def project_expert_gradients(
         dist.all_reduce(own, group=parallel_state.get_expert_tensor_parallel_group())
         total = own.sum(0)
         dist.all_reduce(total, group=parallel_state.get_expert_model_parallel_group())
-        projectors = projectors_from_moments(own, total, config.alpha)
-        for weight, projector in zip(weights, projectors):
+        for weight, own_moment in zip(weights, own):
             grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
             if grad is None:
                 continue
-            p = projector.to(grad.dtype)
-            grad.copy_(grad @ p if kind == "fc1" else p @ grad)
+            side = "right" if kind == "fc1" else "left"
+            grad.copy_(project(grad, total - own_moment, config.alpha, side))
 
 
 class OrthogonalExpertOptimizer:

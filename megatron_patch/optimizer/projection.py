@@ -7,26 +7,14 @@ S = A A^T = sum of r r^T over the spanning vectors, the projector of expert i is
 
     P_i = a (S_total - S_i + a I)^{-1}
 
-where S_total sums every expert's d x d second-moment matrix. Each rank therefore needs only the
-d x d sums of the other experts, never their weights: that is what crosses expert-parallel ranks.
+where S_total sums every expert's d x d second-moment matrix; P_i is applied with a Cholesky
+solve and never formed. Each rank therefore needs only the d x d sums of the other experts,
+never their weights: that is what crosses expert-parallel ranks.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def owm_projector(vectors: torch.Tensor, alpha: float) -> torch.Tensor:
-    """P = I - A (A^T A + alpha I)^{-1} A^T for the columns of ``vectors`` (A: [d, n]); float64."""
-    a = vectors.to(torch.float64)
-    gram = a.T @ a + alpha * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-    return torch.eye(a.shape[0], dtype=a.dtype, device=a.device) - a @ torch.linalg.solve(gram, a.T)
-
-
-def owm_update(projector: torch.Tensor, vector: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The recursive OWM update of ``projector`` [d, d] with one new spanning vector [d]."""
-    k = projector @ vector
-    return projector - torch.outer(k, k) / (alpha + vector @ k)
 
 
 def second_moment(rows: torch.Tensor) -> torch.Tensor:
@@ -40,20 +28,32 @@ def second_moment(rows: torch.Tensor) -> torch.Tensor:
     return r.T @ r
 
 
-def projectors_from_moments(
-    own: torch.Tensor, total: torch.Tensor, alpha: float
+def project(
+    grad: torch.Tensor, others_moment: torch.Tensor, alpha: float, side: str
 ) -> torch.Tensor:
-    """P_i = alpha (total - own_i + alpha I)^{-1} for every expert i.
+    """Apply P = alpha (S_others + alpha I)^{-1} to a gradient without forming P.
+
+    One float64 Cholesky factorization of the d x d matrix and a triangular solve: cheaper and
+    better conditioned than an explicit inverse.
 
     Args:
-        own: [E_local, d, d] second moments of this rank's experts (float64).
-        total: [d, d] second moment summed over all experts of the layer (float64).
+        grad: [m, d] (``side="right"``: rows in R^d, returns grad P) or [d, m]
+            (``side="left"``: columns in R^d, returns P grad).
+        others_moment: [d, d] float64 second moment of the other experts' spanning vectors.
         alpha: the OWM regularizer ``a``.
+        side: which side P multiplies.
 
     Returns:
-        [E_local, d, d] float32 projectors (symmetric, eigenvalues in (0, 1]).
+        The projected gradient, in ``grad``'s dtype.
     """
-    d = total.shape[-1]
-    eye = torch.eye(d, dtype=torch.float64, device=total.device)
-    others = total.double().unsqueeze(0) - own.double()
-    return (alpha * torch.linalg.inv(others + alpha * eye)).float()
+    d = others_moment.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64, device=others_moment.device)
+    factor = torch.linalg.cholesky(others_moment + alpha * eye)
+    g = grad.double()
+    if side == "right":
+        projected = torch.cholesky_solve(g.T, factor).T
+    elif side == "left":
+        projected = torch.cholesky_solve(g, factor)
+    else:
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    return (alpha * projected).to(grad.dtype)
