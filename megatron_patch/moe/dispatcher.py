@@ -6,12 +6,13 @@ unweighted outputs, without a gradient path into the router. This dispatcher han
 unit gates, and applies the real gates on the owner rank after the combine all-to-all, just before
 megatron-core's un-permutation; for experts without fc2 bias (and with it, since megatron scales
 the fc2 bias by the gate too) the layer output is the same function as megatron-core's.
-Communication is unchanged: no collective is added.
+No collective is added; the gate probabilities' dispatch all-to-all is dropped.
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_patch.moe.grouping import group_rows_by_token
@@ -32,6 +33,17 @@ class UnweightedCombineAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         # [N] gates of this rank's permuted rows, in the order token_combine returns them.
         self.local_permuted_probs = permuted_probs
         return tokens, permuted_probs
+
+    def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
+        """The tokens' expert-parallel all-to-all only: the experts get unit gates, so the gate
+        probabilities need not travel (one all-to-all per layer fewer than megatron-core)."""
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_ep_alltoall", self.tokens_per_expert
+        )
+        tokens = all_to_all(
+            self.ep_group, permutated_local_input_tokens, self.output_splits, self.input_splits
+        )
+        return tokens, permuted_probs.new_ones(tokens.shape[0])
 
     def dispatch_postprocess(self, global_input_tokens, global_probs):
         tokens, tokens_per_expert, expert_probs = super().dispatch_postprocess(
