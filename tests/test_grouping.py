@@ -16,8 +16,8 @@ def test_dropless_expert_major_rows_are_grouped_by_token():
     pairs = sorted(((t, e) for t, es in routing.items() for e in es), key=lambda p: (p[1], p[0]))
     rows = identity_rows(pairs)
     row_to_token = torch.tensor([t for t, _ in pairs])
-    grouped, slots = group_rows_by_token(rows, row_to_token, num_tokens=4, topk=2)
-    assert slots.item() == 8
+    grouped, filled = group_rows_by_token(rows, row_to_token, num_tokens=4, topk=2)
+    assert filled.all()
     for token, experts in routing.items():
         assert grouped[token, :, 0].tolist() == [token, token]
         assert grouped[token, :, 1].tolist() == sorted(experts)
@@ -29,8 +29,8 @@ def test_dropped_and_padding_rows():
     rows = identity_rows(pairs)
     row_to_token = torch.tensor([t for t, _ in pairs])
     valid = torch.tensor([True, True, True, True, True, False])
-    grouped, slots = group_rows_by_token(rows, row_to_token, num_tokens=3, topk=2, valid=valid)
-    assert slots.item() == 5
+    grouped, filled = group_rows_by_token(rows, row_to_token, num_tokens=3, topk=2, valid=valid)
+    assert filled.tolist() == [[True, True], [True, False], [True, True]]
     assert grouped[0].tolist() == [[0, 0], [0, 1]]
     assert grouped[1].tolist() == [[1, 0], [0, 0]]  # one real slot, one zero slot
     assert grouped[2].tolist() == [[2, 0], [2, 1]]

@@ -233,3 +233,18 @@ def test_per_token_loss_mode_scales_like_megatron_aux_losses(single_process_mega
         grads.append([p.grad.clone() for p in layer.parameters() if p.grad is not None])
     for plain, scaled in zip(*grads):
         torch.testing.assert_close(scaled, plain * SEQ * BATCH, rtol=1e-5, atol=1e-9)
+
+
+def test_padding_tokens_are_left_out_of_both_losses(single_process_megatron):
+    layer = build_layer(make_config())
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    padding = torch.zeros(BATCH, SEQ, dtype=torch.bool)  # [B, S], True = padding
+    padding[0, -2:] = True
+    padding[1, -3:] = True
+    clear_aux_losses_tracker()
+    layer(x, padding_mask=padding)
+    _, chosen, scores = reference(layer, x)
+    valid = ~padding.transpose(0, 1).reshape(-1)  # token order of x.reshape(-1, H): [S, B]
+    assert tracked("ortho_loss") == pytest.approx(
+        orthogonality_loss(chosen[valid]).item(), rel=1e-5)
+    assert tracked("var_loss") == pytest.approx(variance_loss(scores[valid]).item(), rel=1e-5)

@@ -60,7 +60,7 @@ class UnweightedCombineAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         """Regroup the combined rows [N, H] into [T_local, k, H] by owning token.
 
         Returns:
-            (grouped [T_local, k, H], number of real (non-padding) rows as an int64 scalar).
+            (grouped [T_local, k, H], filled [T_local, k] bool: the slots holding a real row).
         """
         row_to_token = self.reversed_local_input_permutation_mapping
         num_tokens = self.hidden_shape_before_permute[0]

@@ -26,21 +26,23 @@ def group_rows_by_token(
     Returns:
         grouped: [T, k, H]; token t's rows in slots 0..n_t-1 in their original relative order,
             zero rows in the remaining slots (a token that lost experts to capacity dropping).
-        num_slots: int64 scalar tensor, the number of filled slots (rows kept).
+        filled: [T, k] bool, the slots that hold a row.
     """
     if valid is not None:
         rows = rows[valid]
         row_to_token = row_to_token[valid]
     num_rows, hidden = rows.shape
     order = torch.argsort(row_to_token, stable=True)
-    num_slots = torch.tensor(num_rows, dtype=torch.int64, device=rows.device)
     if valid is None and num_rows == num_tokens * topk:
         # Dropless routing: every token has exactly k rows.
-        return rows.index_select(0, order).view(num_tokens, topk, hidden), num_slots
+        filled = torch.ones(num_tokens, topk, dtype=torch.bool, device=rows.device)
+        return rows.index_select(0, order).view(num_tokens, topk, hidden), filled
     sorted_tokens = row_to_token.index_select(0, order)
     counts = torch.bincount(sorted_tokens, minlength=num_tokens)
     starts = torch.cumsum(counts, 0) - counts
     slots = torch.arange(num_rows, device=rows.device) - starts.index_select(0, sorted_tokens)
     grouped = rows.new_zeros(num_tokens, topk, hidden)
     grouped = grouped.index_put((sorted_tokens, slots), rows.index_select(0, order))
-    return grouped, num_slots
+    filled = torch.zeros(num_tokens, topk, dtype=torch.bool, device=rows.device)
+    filled[sorted_tokens, slots] = True
+    return grouped, filled

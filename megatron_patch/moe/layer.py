@@ -53,6 +53,7 @@ class SpecializationMoELayer(MoELayer):
             initial_coefficient(config.moe_ortho_loss_coeff, self.router.weight.device),
         )
         self._coeff_checked = False
+        self._padding: Optional[torch.Tensor] = None
         if config.ortho_loss_enabled:
             self.token_dispatcher = UnweightedCombineAlltoAllDispatcher(
                 self.num_local_experts,
@@ -62,6 +63,12 @@ class SpecializationMoELayer(MoELayer):
             )
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
+
+    def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
+        """MoELayer.forward; remembers ``padding_mask`` ([B, S], True = padding, the convention
+        megatron-core's router and aux losses apply) so L_o leaves padding tokens out."""
+        self._padding = None if padding_mask is None else padding_mask.transpose(0, 1).reshape(-1)
+        return super().forward(hidden_states, intermediate_tensors, padding_mask)
 
     def _ortho_loss_active(self) -> bool:
         return is_recording_only() or (self.training and torch.is_grad_enabled())
@@ -87,17 +94,26 @@ class SpecializationMoELayer(MoELayer):
         if attach and not self._coeff_checked:
             check_calibrated(self.ortho_loss_coeff, "--moe-ortho-loss-coeff")
             self._coeff_checked = True
-        grouped, num_slots = self.token_dispatcher.group_by_token(rows)
+        grouped, filled = self.token_dispatcher.group_by_token(rows)
         per_slot = orthogonality_loss_per_slot(
             grouped, form=self.config.moe_ortho_loss_form, eps=self.config.moe_ortho_loss_eps
         )
-        dropless = self.config.moe_expert_capacity_factor is None
-        count = global_count(num_slots, self.tp_cp_group, rows.device, uniform=dropless)
+        local_tokens = grouped.shape[0]
+        padding = self._padding
+        if padding is not None:
+            # Padding tokens are routed and computed, but are not slots of L_o.
+            valid = ~padding.to(per_slot.device).unsqueeze(-1)
+            per_slot = per_slot * valid
+            filled = filled & valid
+            local_tokens = valid.sum()
+        num_slots = filled.sum()
+        uniform = self.config.moe_expert_capacity_factor is None and padding is None
+        count = global_count(num_slots, self.tp_cp_group, rows.device, uniform=uniform)
         return attach_mean_loss(
             rows,
             local_sum=per_slot.sum(),
             count=count,
-            local_tokens=grouped.shape[0],
+            local_tokens=local_tokens,
             coeff=self.ortho_loss_coeff,
             name=ORTHO_LOSS_NAME,
             config=self.config,
