@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["examples/pretrain/run_pretrain_moe.sh", "examples/pretrain/run_pretrain_moe.sbatch",
-           ".ci/run"]
+           "examples/pretrain/deepspeed/run_deepspeed.sh", ".ci/run"]
 
 
 def test_dockerfile_passes_hadolint():
