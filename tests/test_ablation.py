@@ -103,7 +103,7 @@ def test_smoke_ablation_end_to_end(tiny_data, tmp_path):
         assert f"]({name})" in text
     # The flags of variant d reached the training run.
     command = (tmp_path / "runs" / "d_seed1" / "command.txt").read_text()
-    assert "--moe-ortho-loss-coeff 0.1" in command and "--moe-var-loss-coeff 0.1" in command
+    assert "--moe-ortho-loss-coeff 10" in command and "--moe-var-loss-coeff 0.1" in command
 
 
 def test_script_passes_shellcheck_and_rejects_bad_input():

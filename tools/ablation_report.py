@@ -295,7 +295,7 @@ def plot_curves(agg: dict, variants: list[str], seeds: list[str], out: Path) -> 
             if not curves:
                 continue
             n = min(len(c) for c in curves)
-            its = [c[i][0] for i in range(n)]
+            its = [curves[0][i][0] for i in range(n)]
             mean = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
             width = max(1, n // 30)  # moving average over ~3% of the run
             smooth = [sum(mean[max(0, i - width + 1):i + 1]) / len(mean[max(0, i - width + 1):i + 1])

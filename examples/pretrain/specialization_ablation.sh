@@ -17,9 +17,13 @@
 #   --preset P            launcher preset name or YAML file (default ablation_cpu)
 #   --seeds "1 2 3"       seeds (the same for every variant)
 #   --variants "a b c d e"
-#   --beta X              L_o coefficient of variants b, d (span form; default 0.1)
-#   --beta-pairwise X     L_o coefficient of variant e (pairwise form; default 0.1)
+#   --beta X              L_o coefficient of variants b, d (span form; default 10)
+#   --beta-pairwise X     L_o coefficient of variant e (pairwise form; default 10)
 #   --gamma X             L_v coefficient of variants c, d, e (default 0.1)
+#                         Fixed, from a pilot on ablation_cpu (docs/results/README.md): "auto"
+#                         gives beta = 10 for both L_o forms (L_o ~ 6e-6 at step 1) but, from
+#                         scratch, gamma = 10 (routing starts uniform, |L_v| ~ 2e-4), which
+#                         collapses routing onto 4 experts (MaxVio 3.0 by step 30).
 #   --runs-dir DIR        checkpoints and logs (default runs/ablation_<setting>); finished runs
 #                         are skipped, interrupted ones resume from their last checkpoint
 #   --output-dir DIR      the report (default docs/results/ablation_<setting>)
@@ -41,7 +45,7 @@ COMMAND_LINE="examples/pretrain/specialization_ablation.sh"
 for word in "$@"; do COMMAND_LINE+=" $(printf '%q' "$word")"; done
 
 SETTING="" PRESET="" SEEDS="" VARIANTS="" RUNS_DIR="" OUT_DIR="" MODE=default REPORT_ONLY=0
-BETA=0.1 BETA_PW=0.1 GAMMA=0.1 ANALYSIS_EXTRA="" EXTRA=()
+BETA=10 BETA_PW=10 GAMMA=0.1 ANALYSIS_EXTRA="" EXTRA=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) MODE=quick ;;
