@@ -18,7 +18,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def single_process_megatron():
     """One gloo process with megatron-core's parallel state initialised (all sizes 1)."""
-    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
