@@ -239,11 +239,18 @@ def variant_flags(per_run: dict, v: str) -> str:
     return ""
 
 
-def plot_metrics(agg: dict, variants: list[str], seeds: list[str], out: Path) -> Optional[str]:
+def _pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (imported only when plotting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(agg: dict, variants: list[str], seeds: list[str], out: Path) -> Optional[str]:
+    plt = _pyplot()
 
     keys = PLOTTED
     cols = 4
@@ -281,10 +288,7 @@ def plot_metrics(agg: dict, variants: list[str], seeds: list[str], out: Path) ->
 
 
 def plot_curves(agg: dict, variants: list[str], seeds: list[str], out: Path) -> Optional[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), squeeze=False)
     for ax, (key, label) in zip(axes.flat, CURVES):
@@ -316,10 +320,7 @@ def plot_curves(agg: dict, variants: list[str], seeds: list[str], out: Path) -> 
 
 def plot_load(agg: dict, variants: list[str], seeds: list[str], out: Path) -> Optional[str]:
     """Sorted per-expert load (mean over MoE layers) of the first seed of every variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     drew = False

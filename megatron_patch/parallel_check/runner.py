@@ -188,18 +188,9 @@ def _single_device_layout(job: _Job) -> Layout:
 
 
 def _init_parallel(job: _Job, layout: Layout) -> None:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron_patch.training.initialize import init_model_parallel
 
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-    )
-    torch.manual_seed(job.seed)
-    model_parallel_cuda_manual_seed(job.seed)
+    init_model_parallel(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp, seed=job.seed)
 
 
 def _build(job: _Job, layout: Layout) -> torch.nn.Module:

@@ -54,15 +54,28 @@ def initialize(args: argparse.Namespace) -> torch.device:
         if world_size == 1:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    init_model_parallel(
+        tp=args.tensor_model_parallel_size,
+        pp=args.pipeline_model_parallel_size,
+        ep=args.expert_model_parallel_size,
+        etp=args.expert_tensor_parallel_size,
+        seed=args.seed,
     )
-    torch.manual_seed(args.seed)
-    model_parallel_cuda_manual_seed(args.seed)
     return device
+
+
+def init_model_parallel(*, tp: int, pp: int, ep: int, etp: int, seed: int) -> None:
+    """(Re)build megatron's parallel state over the initialized world and seed every RNG
+    (torch's and megatron's model-parallel tracker)."""
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
 
 
 def shutdown() -> None:
