@@ -9,9 +9,11 @@ WORKDIR /workspace/megatron_patch
 
 # The same install steps as `make install` (Makefile), minus requirements-torch.txt: the image's
 # own PyTorch build (with its CUDA, NCCL and Transformer Engine) is kept.
-COPY requirements.txt requirements-torch.txt requirements-test.txt pyproject.toml README.md ./
+COPY requirements.txt requirements-torch.txt requirements-test.txt requirements-deepspeed.txt \
+     pyproject.toml README.md ./
 COPY megatron_patch ./megatron_patch
 RUN python -m pip install --no-cache-dir -r requirements.txt \
+    && python -m pip install --no-cache-dir --no-deps --no-build-isolation -r requirements-deepspeed.txt \
     && python -m pip install --no-cache-dir --no-deps -e .
 
 COPY examples ./examples

@@ -4,13 +4,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA := data
 
-.PHONY: install test test-deepspeed demo data check-parallel clean
+.PHONY: install test demo data check-parallel clean
 
 # The Dockerfile runs the same steps, minus requirements-torch.txt (it keeps NGC's PyTorch).
-$(STAMP): pyproject.toml requirements.txt requirements-torch.txt requirements-test.txt
+# DeepSpeed (for megatron_patch.deepspeed) is an sdist built against the venv's torch, hence
+# --no-build-isolation; --no-deps keeps pip off its unpinned torch requirement.
+$(STAMP): pyproject.toml requirements.txt requirements-torch.txt requirements-test.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-torch.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -r requirements-deepspeed.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -18,16 +21,6 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
-
-# DeepSpeed-MoE support (optional extra): builds DeepSpeed from its sdist with its CPU comm op
-# (~3 min on 2 cores), then runs its tests, which `make test` skips while it is absent.
-DS_STAMP := $(VENV)/.deepspeed-installed
-$(DS_STAMP): $(STAMP) requirements-deepspeed.txt
-	DS_ACCELERATOR=cpu DS_BUILD_SHM_COMM=1 $(PY) -m pip install --quiet --no-deps --no-build-isolation -r requirements-deepspeed.txt
-	touch $(DS_STAMP)
-
-test-deepspeed: $(DS_STAMP)
-	$(PY) -m pytest -q tests/test_deepspeed_moe.py
 
 check-parallel: $(STAMP)
 	$(PY) tools/check_parallel_consistency.py

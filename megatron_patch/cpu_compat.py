@@ -43,6 +43,11 @@ Shims, and why:
     CPU there is none: `_get_cuda_rng_state` returns the CPU state and `_set_cuda_rng_state` does
     nothing (the CPU state itself is restored by megatron's `_set_all_rng_states`).
 
+12. DeepSpeed (optional, `megatron_patch.deepspeed`): on its CPU accelerator the first
+    `deepspeed.init_distributed` JIT-compiles a shared-memory all-reduce op (a C++ build of one
+    to two minutes on every fresh machine). `use_gloo_for_deepspeed_comm()` makes
+    `deepspeed.comm` use plain gloo collectives instead, which give the same results.
+
 Not needed and not shimmed: context parallel, virtual pipeline, overlap_grad_reduce, persistent
 async checkpoint save. dist_checkpointing save additionally needs `psutil` installed and a
 `if __name__ == "__main__":` guard in the saving script (its writer process is spawned).
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import types
 from typing import Any, Iterator, Optional, Sequence
 
@@ -324,3 +330,14 @@ def apply_cpu_gloo_patches() -> None:
     _patch_wrapped_torch_norm()
     _patch_megatron_optimizer(cpu_torch)
     _APPLIED = True
+
+
+def use_gloo_for_deepspeed_comm() -> None:
+    """Shim 12: `deepspeed.comm` on CPU uses gloo, not its JIT-built shared-memory op.
+
+    Call before `deepspeed.init_distributed`; no-op if CUDA is available. Imports deepspeed.
+    """
+    if torch.cuda.is_available():
+        return
+    # `deepspeed.comm.torch` as an attribute is the torch package; the backend module is by name.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

@@ -1,11 +1,12 @@
 """L_o and L_v on DeepSpeed-MoE (megatron_patch.deepspeed) and the DeepSpeed pretraining example.
 
-Skipped when deepspeed is not installed (see requirements-deepspeed.txt). Runs on DeepSpeed's CPU
-accelerator with gloo.
+`make install` installs deepspeed (requirements-deepspeed.txt). Runs on DeepSpeed's CPU accelerator
+with gloo.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -18,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -r requirements-deepspeed.txt)")
 
+import deepspeed  # noqa: E402
+
+from megatron_patch.cpu_compat import use_gloo_for_deepspeed_comm  # noqa: E402
 from megatron_patch.deepspeed import SpecializationMoE, SpecializationSettings  # noqa: E402
 from megatron_patch.moe.losses import orthogonality_loss_per_slot, variance_loss  # noqa: E402
 
@@ -124,8 +127,7 @@ def _ep_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import deepspeed
-
+    use_gloo_for_deepspeed_comm()
     deepspeed.init_distributed(dist_backend="gloo")
     moe = _build_moe(2, ep_size=world_size, ep_rank=rank, capacity_factor=NUM_EXPERTS)
     moe.set_deepspeed_parallelism()
@@ -138,6 +140,12 @@ def _ep_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 "gate_grad": layer.gate.wg.weight.grad, "input_grad": x.grad,
                 "expert_grads": [p.grad for p in layer.experts.parameters()]}, f"{out_dir}/rank{rank}.pt")
     deepspeed.comm.destroy_process_group()
+
+
+def test_deepspeed_comm_on_cpu_builds_no_cxx_op() -> None:
+    """DeepSpeed would JIT-compile its shared-memory all-reduce at init_distributed; gloo instead."""
+    use_gloo_for_deepspeed_comm()
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
 
 
 def test_expert_parallel_matches_single_process(tmp_path: Path) -> None:

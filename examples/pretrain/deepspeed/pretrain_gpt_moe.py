@@ -86,10 +86,12 @@ def main() -> None:
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     from gpt_moe import GPTMoE, GPTMoEConfig
+    from megatron_patch.cpu_compat import use_gloo_for_deepspeed_comm
     from megatron_patch.deepspeed import specialization_metrics
     from token_windows import TokenWindows, load_token_stream
 
     accelerator = get_accelerator()
+    use_gloo_for_deepspeed_comm()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     rank, world_size = dist.get_rank(), dist.get_world_size()
     stream = load_token_stream(args.data_prefix)
