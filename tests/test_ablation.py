@@ -87,9 +87,9 @@ def test_smoke_ablation_end_to_end(tiny_data, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     result = json.loads((out / "results.json").read_text())
-    assert set(result["summary"]) == {"a", "d"} and result["missing_runs"] == []
-    assert result["iterations"] == {"a_seed1": 2, "d_seed1": 2}
-    for v in ("a", "d"):
+    assert set(result["summary"]) == {"a", "d", "h"} and result["missing_runs"] == []
+    assert result["iterations"] == {"a_seed1": 2, "d_seed1": 2, "h_seed1": 2}
+    for v in ("a", "d", "h"):
         stats = result["summary"][v]["stats"]
         assert stats["valid_loss"]["n"] == 1 and stats["valid_loss"]["mean"] > 0
         assert 0 <= stats["expert_overlap"]["mean"] <= 1
@@ -104,6 +104,10 @@ def test_smoke_ablation_end_to_end(tiny_data, tmp_path):
     # The flags of variant d reached the training run.
     command = (tmp_path / "runs" / "d_seed1" / "command.txt").read_text()
     assert "--moe-ortho-loss-coeff 10" in command and "--moe-var-loss-coeff 0.1" in command
+    # Variant h trained with OMoE on representations, projecting at its second step.
+    command = (tmp_path / "runs" / "h_seed1" / "command.txt").read_text()
+    assert "--moe-orthogonal-optimizer --moe-orthogonal-subspace representations" in command
+    assert "| h: + OMoE (representations) | 1 |" in text
 
 
 def test_script_passes_shellcheck_and_rejects_bad_input():
@@ -119,3 +123,26 @@ def test_script_passes_shellcheck_and_rejects_bad_input():
         pytest.skip("shellcheck not installed")
     proc = subprocess.run(["shellcheck", script], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_sweep_report_pairs_points_by_seed(tmp_path):
+    import sweep_report
+
+    points = []
+    for beta, variant, losses, overlaps in (("0", "a", (3.0, 4.0), (0.5, 0.7)),
+                                            ("0.5", "b", (3.5, 4.1), (0.2, 0.3))):
+        runs = tmp_path / f"runs_{beta}"
+        for seed, loss, overlap in zip((1, 2), losses, overlaps):
+            _fake_run(runs, f"{variant}_seed{seed}", loss, overlap)
+        points.append(tmp_path / f"beta_{beta}")
+        assert ablation_report.main(["--runs-dir", str(runs), "--output-dir", str(points[-1]),
+                                     "--variants", variant, "--no-plots",
+                                     "--coefficients", f"beta={beta} gamma=0.1"]) == 0
+    out = tmp_path / "sweep"
+    assert sweep_report.main([*map(str, points), "--output-dir", str(out), "--no-plots"]) == 0
+    rows = json.loads((out / "results.json").read_text())["summary"]
+    assert [row["beta"] for row in rows] == [0.0, 0.5]
+    assert rows[1]["deltas"]["valid_loss"][0] == pytest.approx(0.3)  # (0.5 + 0.1) / 2
+    assert rows[1]["deltas"]["expert_overlap"][0] == pytest.approx(-0.35)
+    assert "| 0.5 | 2 | 3.8 ± 0.42 |" in (out / "results.md").read_text()
+    assert sweep_report.main([str(tmp_path / "nowhere"), "--output-dir", str(out)]) == 2

@@ -118,7 +118,7 @@ def test_schedule_and_accumulating_only_is_the_base_optimizer(single_process_meg
     experts = fake_experts(w1, w2, g1, g2)
     optimizer = OrthogonalExpertOptimizer.__new__(OrthogonalExpertOptimizer)
     optimizer.base, optimizer.config, optimizer.step_index = Recorder(), config, 0
-    optimizer.experts = [experts]
+    optimizer.experts, optimizer.representations = [(1, experts)], {}
     for _ in range(3):
         optimizer.step()
     assert torch.equal(optimizer.base.seen[0], g1[0]) and torch.equal(optimizer.base.seen[1], g1[0])
@@ -127,6 +127,82 @@ def test_schedule_and_accumulating_only_is_the_base_optimizer(single_process_meg
         OrthogonalOptimizerConfig(alpha=0.0)
     with pytest.raises(OrthogonalOptimizerError, match="> 0"):
         OrthogonalOptimizerConfig(accumulate_steps=0, orthogonal_steps=0)
+
+
+def test_recording_window_schedule_and_its_errors():
+    config = OrthogonalOptimizerConfig(accumulate_steps=3, orthogonal_steps=1,
+                                       subspace="representations", window=2)
+    assert [config.is_recording_step(s) for s in range(8)] == [False, True, True, False] * 2
+    assert not OrthogonalOptimizerConfig(accumulate_steps=3).is_recording_step(2)  # weights
+    for bad in (dict(window=0), dict(window=4), dict(orthogonal_steps=0)):
+        with pytest.raises(OrthogonalOptimizerError, match="--moe-orthogonal-window"):
+            OrthogonalOptimizerConfig(**{"accumulate_steps": 3, "subspace": "representations",
+                                         **bad})
+
+
+class HookedExpert(torch.nn.Module):
+    """An expert with SequentialMLP's fc1/fc2 attribute names (bias-free, gelu)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear_fc1 = torch.nn.Linear(H, F, bias=False)
+        self.linear_fc2 = torch.nn.Linear(F, H, bias=False)
+
+    def forward(self, x):
+        return self.linear_fc2(torch.nn.functional.gelu(self.linear_fc1(x)))
+
+
+def expert_inputs(e, n=5):
+    """Tokens routed to global expert e: a different count and a low-rank spread per expert."""
+    g = torch.Generator().manual_seed(50 + e)
+    basis = torch.randn(2, H, generator=g)
+    return torch.randn(n + e, 2, generator=g) @ basis + 0.1 * torch.randn(n + e, H, generator=g)
+
+
+def record_and_project(expert_ids, token_share, alpha):
+    """Record each local expert's share of its tokens, flush, project unit gradients."""
+    from megatron_patch.optimizer.representations import ExpertRepresentationMoments
+
+    experts = SimpleNamespace(local_experts=[HookedExpert(e) for e in expert_ids])
+    moments = ExpertRepresentationMoments(experts, layer_number=1, kinds=("fc1", "fc2"))
+    moments.recording = True
+    outputs = []
+    for e, expert in zip(expert_ids, experts.local_experts):
+        outputs.append(expert(token_share(expert_inputs(e))))
+        with torch.no_grad():
+            expert(expert_inputs(e))  # no grad: not recorded
+        expert.eval()
+        expert(expert_inputs(e))  # evaluation: not recorded
+        expert.train()
+    moments.flush()
+    for e, expert in zip(expert_ids, experts.local_experts):
+        g = torch.Generator().manual_seed(90 + e)
+        expert.linear_fc1.weight.grad = torch.randn(F, H, generator=g)
+        expert.linear_fc2.weight.grad = torch.randn(H, F, generator=g)
+    config = OrthogonalOptimizerConfig(alpha=alpha, subspace="representations")
+    project_expert_gradients(experts, config, moments.averages)
+    return experts, moments
+
+
+def test_representation_projection_equals_owm_over_recorded_vectors(single_process_megatron):
+    """P_i from the averaged moments == OWM's projector over every other expert's recorded
+    vector scaled by 1/sqrt(n_j); only training-mode, grad-enabled forwards are recorded."""
+    alpha = 0.2
+    experts, moments = record_and_project(range(E), lambda x: x, alpha)
+    assert moments.counts.tolist() == [float(len(expert_inputs(e))) for e in range(E)]
+    with torch.no_grad():
+        outs = [experts.local_experts[e](expert_inputs(e)) for e in range(E)]
+    for i, expert in enumerate(experts.local_experts):
+        others = [j for j in range(E) if j != i]
+        span_in = torch.cat([expert_inputs(j) / len(expert_inputs(j)) ** 0.5 for j in others]).T
+        span_out = torch.cat([outs[j] / len(outs[j]) ** 0.5 for j in others]).T
+        g = torch.Generator().manual_seed(90 + i)
+        g1, g2 = torch.randn(F, H, generator=g), torch.randn(H, F, generator=g)
+        torch.testing.assert_close(expert.linear_fc1.weight.grad.double(),
+                                   g1.double() @ owm_projector(span_in, alpha), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(expert.linear_fc2.weight.grad.double(),
+                                   owm_projector(span_out, alpha) @ g2.double(), rtol=1e-5, atol=1e-6)
 
 
 def _free_port():
@@ -153,6 +229,45 @@ def _ep2_worker(rank, port, out_dir):
                 for e in experts.local_experts], os.path.join(out_dir, f"rank{rank}.pt"))
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def _representation_worker(rank, port, out_dir):
+    """EP=2 (each rank its experts, all their tokens), then DP=2 (all experts, half the tokens)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_patch.cpu_compat import apply_cpu_gloo_patches
+
+    apply_cpu_gloo_patches()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    results = {}
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=2)
+    local = range(rank * E // 2, (rank + 1) * E // 2)
+    experts, _ = record_and_project(local, lambda x: x, 0.2)
+    results["ep2"] = {e: (x.linear_fc1.weight.grad, x.linear_fc2.weight.grad)
+                      for e, x in zip(local, experts.local_experts)}
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel()
+    experts, _ = record_and_project(range(E), lambda x: x[rank::2], 0.2)
+    results["dp2"] = {e: (x.linear_fc1.weight.grad, x.linear_fc2.weight.grad)
+                      for e, x in enumerate(experts.local_experts)}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def test_representation_projection_is_layout_independent(single_process_megatron, tmp_path):
+    """Recorded moments reduced over EDP and summed over EP: EP=2 and DP=2 == one process."""
+    experts, _ = record_and_project(range(E), lambda x: x, 0.2)
+    mp.spawn(_representation_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ep2 = {**ranks[0]["ep2"], **ranks[1]["ep2"]}
+    for e, expert in enumerate(experts.local_experts):
+        reference = (expert.linear_fc1.weight.grad, expert.linear_fc2.weight.grad)
+        for got in (ep2[e], ranks[0]["dp2"][e], ranks[1]["dp2"][e]):
+            torch.testing.assert_close(got[0], reference[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[1], reference[1], rtol=1e-5, atol=1e-6)
 
 
 def test_expert_parallel_projection_equals_one_process(single_process_megatron, tmp_path):

@@ -10,7 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["examples/pretrain/run_pretrain_moe.sh", "examples/pretrain/run_pretrain_moe.sbatch",
-           "examples/pretrain/deepspeed/run_deepspeed.sh", ".ci/run"]
+           "examples/pretrain/deepspeed/run_deepspeed.sh", "examples/pretrain/ortho_coeff_sweep.sh",
+           ".ci/run"]
 
 
 def test_dockerfile_passes_hadolint():

@@ -213,3 +213,21 @@ def test_orthogonal_optimizer_trains_and_resumes_mid_phase(tiny_data, tmp_path):
     pretrain(flags + ["--save", str(tmp_path / "resumed"), "--exit-interval", "2"])
     pretrain(flags + ["--save", str(tmp_path / "resumed"), "--load", str(tmp_path / "resumed")])
     assert train_losses(tmp_path / "resumed") == full
+
+
+def test_orthogonal_optimizer_on_representations_resumes_mid_window(tiny_data, tmp_path):
+    """The recorded representation moments are checkpointed: a run stopped inside a recording
+    window (after its first of two steps) resumes identically."""
+    flags = TINY + data_flags(tiny_data) + [
+        "--train-iters", "4", "--moe-orthogonal-optimizer", "--moe-orthogonal-subspace",
+        "representations", "--moe-orthogonal-accumulate-steps", "2", "--moe-orthogonal-window",
+        "2", "--moe-orthogonal-steps", "1", "--moe-orthogonal-alpha", "0.1"]
+    pretrain(flags + ["--save", str(tmp_path / "full")])
+    full = train_losses(tmp_path / "full")
+    pretrain(flags + ["--save", str(tmp_path / "resumed"), "--exit-interval", "1"])
+    pretrain(flags + ["--save", str(tmp_path / "resumed"), "--load", str(tmp_path / "resumed")])
+    assert train_losses(tmp_path / "resumed") == full
+    weights = [f if f != "representations" else "weights" for f in flags]
+    pretrain(weights + ["--save", str(tmp_path / "weights")])
+    assert train_losses(tmp_path / "weights")[:3] == full[:3]  # identical until the projection
+    assert train_losses(tmp_path / "weights")[3] != full[3]

@@ -31,6 +31,9 @@ VARIANTS = {
     "c": "+ L_v",
     "d": "+ L_o + L_v",
     "e": "+ L_o (pairwise) + L_v",
+    "f": "+ OMoE (weights)",
+    "g": "+ L_o + L_v + OMoE (weights)",
+    "h": "+ OMoE (representations)",
 }
 
 # key, label, better ("low", "high" or ""), source ("train" = metrics.jsonl, "analysis")
@@ -233,8 +236,9 @@ def variant_flags(per_run: dict, v: str) -> str:
             words = run["command"].split()
             keep = []
             for i, w in enumerate(words):
-                if w.startswith("--moe-ortho-loss") or w.startswith("--moe-var-loss"):
-                    keep.append(f"{w} {words[i + 1]}")
+                if w.startswith(("--moe-ortho", "--moe-var-loss")):
+                    value = words[i + 1] if i + 1 < len(words) else "--"
+                    keep.append(w if value.startswith("--") else f"{w} {value}")
             return " ".join(keep)
     return ""
 
@@ -371,6 +375,7 @@ def write_report(agg: dict, args: argparse.Namespace, variants: list[str], seeds
         "preset": args.preset,
         "command": args.command,
         "coefficients": args.coefficients,
+        "omoe_flags": {"f g": args.omoe, "h": args.omoe_repr},
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine,
         "variants": {v: VARIANTS.get(v, v) for v in variants},
@@ -412,6 +417,8 @@ def write_report(agg: dict, args: argparse.Namespace, variants: list[str], seeds
         lines.append(f"- validation domains: {', '.join(first['domains'])}; analysis on "
                      f"{first.get('analysis_tokens')} tokens per run")
     lines.append(f"- coefficients: {args.coefficients}")
+    if any(v in variants for v in "fgh"):
+        lines.append(f"- OMoE flags: f, g `{args.omoe}`; h `{args.omoe_repr}`")
     for v in variants:
         flags = variant_flags(per_run, v)
         if flags:
@@ -512,6 +519,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--variants", default="a b c d e")
     p.add_argument("--seeds", default=None, help="default: every seed found in --runs-dir")
     p.add_argument("--coefficients", default="")
+    p.add_argument("--omoe", default="", help="OMoE flags of variants f and g")
+    p.add_argument("--omoe-repr", default="", help="OMoE flags of variant h")
     p.add_argument("--command", default=" ".join(sys.argv))
     p.add_argument("--preset", default="")
     p.add_argument("--no-plots", action="store_true")

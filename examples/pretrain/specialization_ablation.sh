@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Expert-specialization ablation: train the same GPT-MoE on the same data, seeds and steps with
 #   a) the aux loss only, b) + L_o, c) + L_v, d) + L_o + L_v, e) + L_o (pairwise form) + L_v,
+#   and with the orthogonal expert optimizer (OMoE): f) + OMoE (weight subspace), g) + L_o + L_v
+#   + OMoE, h) + OMoE (representation subspace),
 # run tools/analyze_specialization.py on each final checkpoint, and write one comparison
 # (mean +- std over seeds) with tools/ablation_report.py: results.md, results.json and PNGs.
 #
@@ -11,12 +13,12 @@
 #              300 steps of 16 sequences), seeds 1 2 3, all five variants: ~1.5 h on 2 CPU cores
 #   --quick    setting "quick": a tiny model (2 layers, hidden 64, 16 experts top-4, seq 64),
 #              60 steps, seed 1, all five variants: a few minutes on 2 CPU cores
-#   --smoke    setting "smoke": a toy model, 2 steps, variants a and d, seed 1 (the test)
+#   --smoke    setting "smoke": a toy model, 2 steps, variants a, d and h, seed 1 (the test)
 # Options:
 #   --setting NAME        name of the setting (output dirs are named after it)
 #   --preset P            launcher preset name or YAML file (default ablation_cpu)
 #   --seeds "1 2 3"       seeds (the same for every variant)
-#   --variants "a b c d e"
+#   --variants "a b c d e"   (any of a-h; default a-e)
 #   --beta X              L_o coefficient of variants b, d (span form; default 10)
 #   --beta-pairwise X     L_o coefficient of variant e (pairwise form; default 10)
 #   --gamma X             L_v coefficient of variants c, d, e (default 0.1)
@@ -24,6 +26,10 @@
 #                         gives beta = 10 for both L_o forms (L_o ~ 6e-6 at step 1) but, from
 #                         scratch, gamma = 10 (routing starts uniform, |L_v| ~ 2e-4), which
 #                         collapses routing onto 4 experts (MaxVio 3.0 by step 30).
+#   --omoe "FLAGS"        OMoE flags of variants f, g (default: "--moe-orthogonal-alpha 0.1";
+#                         cycles of 4 plain steps and 1 projected step)
+#   --omoe-repr "FLAGS"   OMoE flags of variant h (default: "--moe-orthogonal-subspace
+#                         representations --moe-orthogonal-alpha 1")
 #   --runs-dir DIR        checkpoints and logs (default runs/ablation_<setting>); finished runs
 #                         are skipped, interrupted ones resume from their last checkpoint
 #   --output-dir DIR      the report (default docs/results/ablation_<setting>)
@@ -46,6 +52,8 @@ for word in "$@"; do COMMAND_LINE+=" $(printf '%q' "$word")"; done
 
 SETTING="" PRESET="" SEEDS="" VARIANTS="" RUNS_DIR="" OUT_DIR="" MODE=default REPORT_ONLY=0
 BETA=10 BETA_PW=10 GAMMA=0.1 ANALYSIS_EXTRA="" EXTRA=()
+OMOE="--moe-orthogonal-alpha 0.1"
+OMOE_REPR="--moe-orthogonal-subspace representations --moe-orthogonal-alpha 1"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) MODE=quick ;;
@@ -57,6 +65,8 @@ while [[ $# -gt 0 ]]; do
         --beta) BETA=$2; shift ;;
         --beta-pairwise) BETA_PW=$2; shift ;;
         --gamma) GAMMA=$2; shift ;;
+        --omoe) OMOE=$2; shift ;;
+        --omoe-repr) OMOE_REPR=$2; shift ;;
         --runs-dir) RUNS_DIR=$2; shift ;;
         --output-dir) OUT_DIR=$2; shift ;;
         --analysis-args) ANALYSIS_EXTRA=$2; shift ;;
@@ -81,11 +91,12 @@ case "$MODE" in
                        --lr-warmup-iters 5 --eval-interval 30 --eval-iters 4)
         ANALYSIS_FLAGS=(--num-samples 32 --sample-tokens 512 --silhouette-points 500) ;;
     smoke)
-        SETTING=${SETTING:-smoke}; SEEDS=${SEEDS:-1}; VARIANTS=${VARIANTS:-a d}
+        SETTING=${SETTING:-smoke}; SEEDS=${SEEDS:-1}; VARIANTS=${VARIANTS:-a d h}
         SETTING_FLAGS=(--num-layers 2 --hidden-size 32 --ffn-hidden-size 64
                        --moe-ffn-hidden-size 32 --num-experts 4 --moe-router-topk 2
                        --seq-length 32 --micro-batch-size 2 --global-batch-size 4
-                       --train-iters 2 --lr-warmup-iters 1 --eval-interval 2 --eval-iters 1)
+                       --train-iters 2 --lr-warmup-iters 1 --eval-interval 2 --eval-iters 1
+                       --moe-orthogonal-accumulate-steps 1)
         ANALYSIS_FLAGS=(--num-samples 8 --sample-tokens 128 --silhouette-points 100 --no-plots) ;;
 esac
 PRESET=${PRESET:-ablation_cpu}
@@ -108,7 +119,10 @@ variant_flags() {   # the loss flags of one variant
         c) echo "--moe-ortho-loss-coeff 0 --moe-var-loss-coeff $GAMMA" ;;
         d) echo "--moe-ortho-loss-coeff $BETA --moe-var-loss-coeff $GAMMA" ;;
         e) echo "--moe-ortho-loss-coeff $BETA_PW --moe-ortho-loss-form pairwise --moe-var-loss-coeff $GAMMA" ;;
-        *) echo "error: unknown variant $1 (a b c d e)" >&2; return 2 ;;
+        f) echo "--moe-ortho-loss-coeff 0 --moe-var-loss-coeff 0 --moe-orthogonal-optimizer $OMOE" ;;
+        g) echo "--moe-ortho-loss-coeff $BETA --moe-var-loss-coeff $GAMMA --moe-orthogonal-optimizer $OMOE" ;;
+        h) echo "--moe-ortho-loss-coeff 0 --moe-var-loss-coeff 0 --moe-orthogonal-optimizer $OMOE_REPR" ;;
+        *) echo "error: unknown variant $1 (a-h)" >&2; return 2 ;;
     esac
 }
 for v in $VARIANTS; do variant_flags "$v" > /dev/null; done
@@ -117,7 +131,7 @@ report() {
     [[ "$NODE_RANK" == 0 ]] || return 0
     "$PYTHON" "$ROOT/tools/ablation_report.py" --runs-dir "$RUNS_DIR" --output-dir "$OUT_DIR" \
         --setting "$SETTING" --variants "$VARIANTS" --seeds "$SEEDS" \
-        --coefficients "beta=$BETA beta_pairwise=$BETA_PW gamma=$GAMMA" \
+        --coefficients "beta=$BETA beta_pairwise=$BETA_PW gamma=$GAMMA" --omoe "$OMOE" --omoe-repr "$OMOE_REPR" \
         --command "$COMMAND_LINE" --preset "$PRESET"
 }
 

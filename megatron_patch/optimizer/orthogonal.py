@@ -5,37 +5,48 @@ phase of M steps, in which the gradient of each routed expert's weight matrices 
 the orthogonal complement of the subspace spanned by the *other* experts of the same layer, then
 handed to the base optimizer:
 
-    fc1 (rows in the input space R^H):   G1_i <- G1_i P_i^in,   P_i^in  from the other experts' fc1 rows
-    fc2 (columns in the output space):  G2_i <- P_i^out G2_i,  P_i^out from the other experts' fc2 columns
+    fc1 (rows in the input space R^H):   G1_i <- G1_i P_i^in,   P_i^in  from the other experts' fc1 side
+    fc2 (columns in the output space):  G2_i <- P_i^out G2_i,  P_i^out from the other experts' fc2 side
 
 with the OWM projector P_i = a (S_-i + a I)^{-1}, S_-i the second moment of the spanning vectors
-of the other experts (``megatron_patch.optimizer.projection``). Choices that are ours (the paper's
-abstract leaves them open), all options: the subspace is spanned by the other experts' current
-weights ("weights"; the paper's OWM background also allows input representations, not built yet);
-projectors are recomputed from the weights at every orthogonal step (exact, stateless, so a resumed
-run is identical); the gradient, not the Adam update, is projected, as OWM does with SGD.
+of the other experts (``megatron_patch.optimizer.projection``). What spans the subspace
+(``--moe-orthogonal-subspace``):
+
+- ``weights`` (default): the other experts' current weights (fc1 rows, fc2 columns); projectors
+  are recomputed at every orthogonal step (exact, stateless, so a resumed run is identical);
+- ``representations``: OWM's own choice, the vectors the other experts recently processed (fc1:
+  the hidden states routed to them; fc2: their outputs), recorded over the last ``window`` steps
+  of each accumulating phase as averaged second moments (``representations``), which checkpoints
+  carry, so a run resumed mid-window or mid-phase is identical.
+
+The gradient, not the Adam update, is projected, as OWM does with SGD. Which choices follow the
+paper and which are ours: README, "Orthogonal expert optimizer".
 
 Process groups: the d x d second moments of an expert's (TP-sharded) weight are summed over the
-expert-tensor-parallel group, and the per-layer totals over the expert-parallel group, so each
-rank's projected gradients equal a single-process run's. Data-parallel replicas hold identical
-weights and gradients (after DDP), so nothing runs over DP.
+expert-tensor-parallel group (representation moments over the expert-data-parallel group, see
+``representations``), and the per-layer totals over the expert-parallel group, so each rank's
+projected gradients equal a single-process run's. Data-parallel replicas hold identical weights
+and gradients (after DDP), so nothing else runs over DP.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_patch.optimizer.projection import project, second_moment
+from megatron_patch.optimizer.representations import ExpertRepresentationMoments
 
-SUBSPACES = ("weights",)
+SUBSPACES = ("weights", "representations")
 PARAMS = ("fc1", "fc2", "both")
+STATE_KEY = "orthogonal_optimizer"
 
 
 class OrthogonalOptimizerError(ValueError):
@@ -51,6 +62,7 @@ class OrthogonalOptimizerConfig:
     alpha: float = 1.0
     subspace: str = "weights"
     params: str = "both"
+    window: int = 1
 
     def __post_init__(self) -> None:
         if self.accumulate_steps < 0 or self.orthogonal_steps < 0:
@@ -71,39 +83,94 @@ class OrthogonalOptimizerConfig:
             raise OrthogonalOptimizerError(
                 f"--moe-orthogonal-params must be one of {PARAMS}, got {self.params!r}"
             )
+        if self.subspace == "representations" and not (
+            1 <= self.window <= self.accumulate_steps and self.orthogonal_steps >= 1
+        ):
+            raise OrthogonalOptimizerError(
+                "--moe-orthogonal-subspace representations records the last "
+                "--moe-orthogonal-window steps of each accumulating phase: it needs 1 <= window "
+                f"({self.window}) <= --moe-orthogonal-accumulate-steps ({self.accumulate_steps}) "
+                f"and --moe-orthogonal-steps >= 1 ({self.orthogonal_steps})"
+            )
+
+    @classmethod
+    def from_args(cls, args: Any) -> "OrthogonalOptimizerConfig":
+        """From the ``--moe-orthogonal-*`` flags (validated here)."""
+        return cls(
+            accumulate_steps=args.moe_orthogonal_accumulate_steps,
+            orthogonal_steps=args.moe_orthogonal_steps,
+            alpha=args.moe_orthogonal_alpha,
+            subspace=args.moe_orthogonal_subspace,
+            params=args.moe_orthogonal_params,
+            window=args.moe_orthogonal_window,
+        )
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The weight matrices that are projected."""
+        return ("fc1", "fc2") if self.params == "both" else (self.params,)
 
     def is_orthogonal_step(self, step: int) -> bool:
         """Step ``step`` (0-based) falls in an orthogonal phase."""
         return step % (self.accumulate_steps + self.orthogonal_steps) >= self.accumulate_steps
 
+    def is_recording_step(self, step: int) -> bool:
+        """Step ``step`` records representations (one of the last ``window`` accumulating steps)."""
+        position = step % (self.accumulate_steps + self.orthogonal_steps)
+        return (self.subspace == "representations"
+                and self.accumulate_steps - self.window <= position < self.accumulate_steps)
 
-def expert_modules(model_chunks: Iterable[torch.nn.Module]) -> Iterator[SequentialMLP]:
-    """Every MoE layer's routed experts; refuses expert implementations it cannot project."""
+
+def expert_modules(
+    model_chunks: Iterable[torch.nn.Module],
+) -> Iterator[tuple[int, SequentialMLP]]:
+    """(global layer number, routed experts) of every MoE layer; refuses other expert modules."""
     for chunk in model_chunks:
         for name, module in chunk.named_modules():
-            if isinstance(module, SequentialMLP):
-                yield module
-            elif name.endswith("mlp.experts"):
+            experts = getattr(getattr(module, "mlp", None), "experts", None)
+            if not isinstance(module, TransformerLayer) or experts is None:
+                continue
+            if not isinstance(experts, SequentialMLP):
                 raise OrthogonalOptimizerError(
-                    f"--moe-orthogonal-optimizer supports SequentialMLP experts; {name} is "
-                    f"{type(module).__name__}. Drop --moe-grouped-gemm for now."
+                    f"--moe-orthogonal-optimizer supports SequentialMLP experts; {name}.mlp.experts "
+                    f"is {type(experts).__name__}. Drop --moe-grouped-gemm for now."
                 )
+            yield module.layer_number, experts
+
+
+def _weight_moments(experts: SequentialMLP, kind: str) -> torch.Tensor:
+    """Second moments of each local expert's fc1 rows / fc2 columns, [E_local, H, H] float64.
+
+    Summed over the expert-tensor-parallel group (each rank holds a slice of the rows/columns).
+    """
+    weights = [getattr(e, f"linear_{kind}").weight for e in experts.local_experts]
+    own = torch.stack([second_moment(w if kind == "fc1" else w.t()) for w in weights])
+    dist.all_reduce(own, group=parallel_state.get_expert_tensor_parallel_group())
+    return own
 
 
 def project_expert_gradients(
-    experts: SequentialMLP, config: OrthogonalOptimizerConfig
+    experts: SequentialMLP,
+    config: OrthogonalOptimizerConfig,
+    own_moments: Optional[Callable[[str], torch.Tensor]] = None,
 ) -> None:
-    """Project ``main_grad`` (or ``grad``) of every local expert of one MoE layer in place."""
-    kinds = ("fc1", "fc2") if config.params == "both" else (config.params,)
-    for kind in kinds:
-        weights = [getattr(e, f"linear_{kind}").weight for e in experts.local_experts]
-        # Spanning vectors in R^H: fc1 rows ([F, H]), fc2 columns ([H, F]).
-        vectors = [w if kind == "fc1" else w.t() for w in weights]
-        own = torch.stack([second_moment(v) for v in vectors])  # [E_local, H, H]
-        dist.all_reduce(own, group=parallel_state.get_expert_tensor_parallel_group())
+    """Project ``main_grad`` (or ``grad``) of every local expert of one MoE layer in place.
+
+    Args:
+        experts: the layer's routed experts (this rank's local ones).
+        config: which weight matrices, and the regularizer.
+        own_moments: kind -> [E_local, H, H] float64 second moments of the local experts'
+            spanning vectors, identical on all ranks holding the same experts; default: of their
+            weights (``_weight_moments``). The per-layer total is summed over the expert-parallel
+            group.
+    """
+    own_moments = own_moments or (lambda kind: _weight_moments(experts, kind))
+    for kind in config.kinds:
+        own = own_moments(kind)
         total = own.sum(0)
         dist.all_reduce(total, group=parallel_state.get_expert_model_parallel_group())
-        for weight, own_moment in zip(weights, own):
+        for expert, own_moment in zip(experts.local_experts, own):
+            weight = getattr(expert, f"linear_{kind}").weight
             grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
             if grad is None:
                 continue
@@ -114,9 +181,10 @@ def project_expert_gradients(
 class OrthogonalExpertOptimizer:
     """A megatron optimizer whose ``step()`` projects expert gradients in orthogonal phases.
 
-    Everything else (``zero_grad``, ``param_groups``, checkpoints, ...) is the base optimizer's:
-    the phase is a function of the global step, which the training loop restores from the
-    checkpoint's iteration, so resuming mid-phase continues identically.
+    Everything else (``zero_grad``, ``param_groups``, ...) is the base optimizer's. The phase is a
+    function of the global step (``start_at`` after a checkpoint load), and recorded representation
+    moments travel in the optimizer's checkpoint state (under ``STATE_KEY``), so resuming mid-phase
+    continues identically.
     """
 
     def __init__(
@@ -124,7 +192,6 @@ class OrthogonalExpertOptimizer:
         base: MegatronOptimizer,
         model_chunks: list[torch.nn.Module],
         config: OrthogonalOptimizerConfig,
-        start_step: int = 0,
     ) -> None:
         ddp_config = getattr(model_chunks[0], "ddp_config", None)
         if (
@@ -137,23 +204,70 @@ class OrthogonalExpertOptimizer:
                 "--use-distributed-optimizer and expert data parallelism > 1 each rank holds a "
                 "shard. Drop --use-distributed-optimizer or raise --expert-model-parallel-size."
             )
+        if (
+            config.subspace == "representations"
+            and "fc2" in config.kinds
+            and parallel_state.get_expert_tensor_parallel_world_size() > 1
+        ):
+            raise OrthogonalOptimizerError(
+                "--moe-orthogonal-subspace representations with fc2 needs whole expert outputs; "
+                "with --expert-tensor-parallel-size > 1 each rank holds a partial sum. Pass "
+                "--moe-orthogonal-params fc1, or --moe-orthogonal-subspace weights."
+            )
         self.base = base
         self.config = config
-        self.step_index = start_step
         self.experts = list(expert_modules(model_chunks))
         if not self.experts:
             raise OrthogonalOptimizerError(
                 "--moe-orthogonal-optimizer found no MoE experts: set --num-experts"
             )
+        self.representations = {
+            number: ExpertRepresentationMoments(experts, number, config.kinds)
+            for number, experts in self.experts
+        } if config.subspace == "representations" else {}
+        self.start_at(0)
 
     def __getattr__(self, name: str):
         return getattr(self.base, name)
 
+    def start_at(self, step: int) -> None:
+        """Continue from global step ``step`` (0-based index of the next step)."""
+        self.step_index = step
+        for moments in self.representations.values():
+            moments.recording = self.config.is_recording_step(step)
+
     @torch.no_grad()
     def step(self):
         """Project (in an orthogonal phase), then the base optimizer's step; returns its result."""
-        if self.config.is_orthogonal_step(self.step_index):
-            for experts in self.experts:
-                project_expert_gradients(experts, self.config)
-        self.step_index += 1
+        step, config = self.step_index, self.config
+        if config.is_recording_step(step):
+            for moments in self.representations.values():
+                moments.flush()
+        if config.is_orthogonal_step(step):
+            for number, experts in self.experts:
+                moments = self.representations.get(number)
+                project_expert_gradients(experts, config, moments and moments.averages)
+        self.start_at(step + 1)
+        if config.is_recording_step(step + 1) and not config.is_recording_step(step):
+            for moments in self.representations.values():  # a new recording window
+                moments.reset()
         return self.base.step()
+
+    def sharded_state_dict(
+        self, model_sharded_state_dict: dict, is_loading: bool = False, **kwargs: Any
+    ) -> dict:
+        """The base optimizer's state, plus the representation moments (EP-sharded)."""
+        state = self.base.sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+        if self.representations:
+            state[STATE_KEY] = {
+                f"layer_{number}": moments.sharded_state_dict(f"{STATE_KEY}.layer_{number}.")
+                for number, moments in self.representations.items()
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.pop(STATE_KEY, None)
+        if saved is not None:  # None: a checkpoint from before the recording (moments stay zero)
+            for number, moments in self.representations.items():
+                moments.load_state_dict(saved[f"layer_{number}"])
+        self.base.load_state_dict(state_dict)

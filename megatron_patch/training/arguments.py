@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import yaml
 
 from megatron_patch.moe.arguments import add_specialization_args
+from megatron_patch.optimizer.orthogonal import OrthogonalOptimizerConfig, OrthogonalOptimizerError
 
 
 class ArgumentError(ValueError):
@@ -75,8 +76,14 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                    help="M: projected steps of each cycle (0: the base optimizer only)")
     o.add_argument("--moe-orthogonal-alpha", type=float, default=1.0,
                    help="OWM regularizer a of P = a (S_others + a I)^-1")
-    o.add_argument("--moe-orthogonal-subspace", choices=("weights",), default="weights",
-                   help="what spans another expert's subspace: its current weight rows/columns")
+    o.add_argument("--moe-orthogonal-subspace", choices=("weights", "representations"),
+                   default="weights",
+                   help="what spans another expert's subspace: its current weight rows/columns "
+                   "(weights), or the hidden states it was routed and the outputs it produced "
+                   "in the last --moe-orthogonal-window accumulating steps (representations)")
+    o.add_argument("--moe-orthogonal-window", type=int, default=1,
+                   help="representations: how many of the last accumulating steps of each cycle "
+                   "are recorded")
     o.add_argument("--moe-orthogonal-params", choices=("fc1", "fc2", "both"), default="both",
                    help="which expert weight matrices are projected")
 
@@ -226,6 +233,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} must divide "
             f"tp x dp = {tp * dp} (world {world_size} / pp {pp}); lower them or add processes"
         )
+    if args.moe_orthogonal_optimizer:
+        try:
+            OrthogonalOptimizerConfig.from_args(args)
+        except OrthogonalOptimizerError as error:
+            raise ArgumentError(str(error)) from None
     if args.num_experts % ep != 0:
         raise ArgumentError(
             f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "

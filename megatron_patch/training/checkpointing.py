@@ -34,6 +34,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_patch.optimizer.orthogonal import STATE_KEY as ORTHOGONAL_STATE_KEY
+
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 
 # Flags that fix parameter shapes: a checkpoint only loads into a model with the same values.
@@ -167,6 +169,7 @@ def save_checkpoint(
         "signature": signature,
         "world_size": dist.get_world_size(),
         "num_optimizers": _num_optimizers(optimizer),
+        "orthogonal_optimizer_state": bool(getattr(optimizer, "representations", None)),
         # The run's flags, so tools (e.g. the specialization analysis) can rebuild the model.
         "args": vars(args) if args is not None else None,
     }
@@ -239,6 +242,13 @@ def load_checkpoint(
     )
     if not same_world:
         del request["rng_state"]
+    if load_optimizer and not common.get("orthogonal_optimizer_state"):
+        if request["optimizer"].pop(ORTHOGONAL_STATE_KEY, None) is not None and dist.get_rank() == 0:
+            warnings.warn(
+                f"{where} holds no recorded expert representations (saved without "
+                "--moe-orthogonal-subspace representations): orthogonal steps before the next "
+                "recording window are plain steps."
+            )
     state = dist_checkpointing.load(request, str(where))
     _unwrap(model[0]).load_state_dict(state["model"])
     if load_optimizer:

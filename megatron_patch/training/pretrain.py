@@ -130,23 +130,17 @@ def train(args: argparse.Namespace) -> dict:
     signature = model_signature(args, tokenizer.vocab_size)
     num_microbatches = _num_microbatches(args)
 
+    if args.moe_orthogonal_optimizer:
+        optimizer = OrthogonalExpertOptimizer(
+            optimizer, model, OrthogonalOptimizerConfig.from_args(args)
+        )
     iteration, consumed = 0, 0
     if args.load:
         iteration, consumed = load_checkpoint(
             args.load, model, optimizer, scheduler, signature=signature
         )
     if args.moe_orthogonal_optimizer:
-        optimizer = OrthogonalExpertOptimizer(
-            optimizer, model,
-            OrthogonalOptimizerConfig(
-                accumulate_steps=args.moe_orthogonal_accumulate_steps,
-                orthogonal_steps=args.moe_orthogonal_steps,
-                alpha=args.moe_orthogonal_alpha,
-                subspace=args.moe_orthogonal_subspace,
-                params=args.moe_orthogonal_params,
-            ),
-            start_step=iteration,
-        )
+        optimizer.start_at(iteration)
     train_ds, valid_ds = build_train_valid_datasets(
         args.data_path, args.split, args.seq_length, args.seed,
         train_samples=args.train_iters * args.global_batch_size,
