@@ -2,6 +2,7 @@
 the torchrun launcher, and every bad-input error (each run is a real subprocess)."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -178,6 +179,16 @@ def test_flag_validation_without_processes(tmp_path):
                        "--tensor-model-parallel-size", "2"])
     with pytest.raises(ArgumentError, match="not a multiple of --tensor-model-parallel-size"):
         validate_args(args, world_size=3)
+    minimal = ["--data-path", "x", "--tokenizer-model", "t", "--num-experts", "4"]
+    for extra, message in (
+        (["--moe-loss-calibration-iters", "5"], "needs an 'auto'"),
+        (["--moe-ortho-loss-coeff", "auto", "--moe-loss-calibration-iters", "5",
+          "--train-iters", "5"], r"in \[1, --train-iters 5\)"),
+        (["--moe-orthogonal-optimizer", "--moe-orthogonal-subspace", "representations",
+          "--moe-orthogonal-window", "5"], r"1 <= window \(5\) <= --moe-orthogonal-accumulate"),
+    ):
+        with pytest.raises(ArgumentError, match=message):
+            validate_args(parse_args(minimal + extra), world_size=1)
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("num_layerz: 3\n")
     with pytest.raises(ArgumentError, match="unknown key 'num_layerz'"):
@@ -231,3 +242,29 @@ def test_orthogonal_optimizer_on_representations_resumes_mid_window(tiny_data, t
     pretrain(weights + ["--save", str(tmp_path / "weights")])
     assert train_losses(tmp_path / "weights")[:3] == full[:3]  # identical until the projection
     assert train_losses(tmp_path / "weights")[3] != full[3]
+
+
+def test_calibration_after_warmup_steps(tiny_data, tmp_path):
+    """With --moe-loss-calibration-iters 2 the first two steps train without L_o/L_v (as a run
+    with both coefficients 0), then 'auto' is calibrated on the third batch; the warm-up resumes
+    from a checkpoint taken inside it."""
+    base = [f for f in TINY if f not in ("auto", "0.1", "--moe-ortho-loss-coeff",
+                                         "--moe-var-loss-coeff")]
+    flags = base + data_flags(tiny_data) + ["--train-iters", "4", "--moe-ortho-loss-coeff", "auto",
+                                            "--moe-var-loss-coeff", "auto",
+                                            "--moe-loss-calibration-iters", "2"]
+    pretrain(flags + ["--save", str(tmp_path / "warm")])
+    warm = train_losses(tmp_path / "warm")
+    pretrain(base + data_flags(tiny_data) + ["--train-iters", "4", "--save", str(tmp_path / "off")])
+    off = train_losses(tmp_path / "off")
+    assert warm[:3] == off[:3] and warm[3] != off[3]
+    rows = [json.loads(line) for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
+    (calibration,) = [r for r in rows if r["split"] == "calibration"]
+    assert calibration["iteration"] == 2
+    for name in ("ortho_loss", "var_loss"):
+        assert math.log10(calibration[name]) == round(math.log10(calibration[name]))
+        assert all(r[name] != 0 for r in rows if r["split"] == "train")  # logged during warm-up
+    pretrain(flags + ["--save", str(tmp_path / "resumed"), "--exit-interval", "1"])
+    pretrain(flags + ["--save", str(tmp_path / "resumed"), "--load", str(tmp_path / "resumed")])
+    assert train_losses(tmp_path / "resumed") == warm
+

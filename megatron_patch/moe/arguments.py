@@ -50,6 +50,13 @@ def add_specialization_args(parser: argparse.ArgumentParser) -> argparse.Argumen
         "--moe-var-loss-target", type=float, default=1e-3,
         help="with --moe-var-loss-coeff auto: gamma = 10^round(log10(target / |L_v|)).",
     )
+    group.add_argument(
+        "--moe-loss-calibration-iters", type=int, default=0,
+        help="with an 'auto' coefficient: train this many steps with the losses logged but not "
+        "applied, then calibrate on the next global batch (0: on the first one). From scratch, "
+        "routing starts near-uniform and outputs near-orthogonal, so first-batch values "
+        "understate the trained ones by orders of magnitude.",
+    )
     return parser
 
 

@@ -233,6 +233,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} must divide "
             f"tp x dp = {tp * dp} (world {world_size} / pp {pp}); lower them or add processes"
         )
+    if args.moe_loss_calibration_iters != 0:
+        auto = "auto" in (args.moe_ortho_loss_coeff, args.moe_var_loss_coeff)
+        if not auto or not 0 < args.moe_loss_calibration_iters < args.train_iters:
+            raise ArgumentError(
+                f"--moe-loss-calibration-iters {args.moe_loss_calibration_iters} needs an 'auto' "
+                "--moe-ortho-loss-coeff or --moe-var-loss-coeff and a value in "
+                f"[1, --train-iters {args.train_iters}); pass 0 to calibrate on the first batch"
+            )
     if args.moe_orthogonal_optimizer:
         try:
             OrthogonalOptimizerConfig.from_args(args)

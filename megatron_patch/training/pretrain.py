@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -23,6 +24,7 @@ from megatron_patch.data.datasets import build_train_valid_datasets
 from megatron_patch.data.validation import DataError
 from megatron_patch.data.tokenizer import load_tokenizer
 from megatron_patch.moe.calibration import calibrate_coefficients, needs_calibration
+from megatron_patch.moe.coefficients import recording_only
 from megatron_patch.moe.config import SpecializationConfigError
 from megatron_patch.moe.metrics import enable_routing_stats, reduce_routing_stats
 from megatron_patch.optimizer.orthogonal import (
@@ -68,9 +70,7 @@ class _ExitSignal:
         self.received = signum
 
     def any_rank(self, device: torch.device) -> bool:
-        flag = torch.tensor(float(self.received is not None), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return _any_rank(self.received is not None, device)
 
 
 def _num_microbatches(args: argparse.Namespace) -> int:
@@ -119,6 +119,13 @@ def _per_layer_scalars(moe: dict, routing: dict) -> dict[str, float]:
     return scalars
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` OR-reduced over all ranks (e.g. a pipeline stage without MoE layers)."""
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run the whole job; returns the summary (also written to ``--save``/summary.json)."""
     exit_signal = _ExitSignal()  # before any slow set-up, so an early preemption is not lost
@@ -149,28 +156,32 @@ def train(args: argparse.Namespace) -> dict:
         cache_path=args.data_cache_path, is_built_on_rank=lambda: True,
     )
     logger = MetricsLogger(args, iteration)
-    if needs_calibration(model):
-        coeffs = calibrate_coefficients(
-            model, config,
-            lambda: run_schedule(model, micro_batches(train_ds, consumed, num_microbatches, args,
-                                                      device),
-                                 num_microbatches, args, forward_only=True),
-            num_microbatches,
-        )
-        logger.message(f"calibrated coefficients: {coeffs}")
-
+    uncalibrated = _any_rank(needs_calibration(model), device)
     enable_routing_stats(config.num_layers, config.num_moe_experts, device)
     tokens_per_step = args.global_batch_size * args.seq_length
     last_save, valid_loss, loss = None, None, None
     while iteration < args.train_iters:
+        if uncalibrated and iteration >= args.moe_loss_calibration_iters:
+            coeffs = calibrate_coefficients(
+                model, config,
+                lambda: run_schedule(model, micro_batches(train_ds, consumed, num_microbatches,
+                                                          args, device),
+                                     num_microbatches, args, forward_only=True),
+                num_microbatches,
+            )
+            uncalibrated = False
+            logger.message(f"calibrated coefficients at iteration {iteration}: {coeffs}")
+            logger.write("calibration", iteration, coeffs)
         start = time.perf_counter()
         for chunk in model:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        loss = run_schedule(
-            model, micro_batches(train_ds, consumed, num_microbatches, args, device),
-            num_microbatches, args, forward_only=False,
-        )
+        # Before calibration ('auto' with --moe-loss-calibration-iters) the losses are only logged.
+        with recording_only() if uncalibrated else contextlib.nullcontext():
+            loss = run_schedule(
+                model, micro_batches(train_ds, consumed, num_microbatches, args, device),
+                num_microbatches, args, forward_only=False,
+            )
         check_finite(loss, iteration + 1, model, next(micro_batches(
             train_ds, consumed, 1, args, device)) if args.pipeline_model_parallel_size == 1
             else None)
