@@ -34,6 +34,7 @@ VARIANTS = {
     "f": "+ OMoE (weights)",
     "g": "+ L_o + L_v + OMoE (weights)",
     "h": "+ OMoE (representations)",
+    "i": "+ L_o + L_v, auto after warm-up",
 }
 
 # key, label, better ("low", "high" or ""), source ("train" = metrics.jsonl, "analysis")
@@ -101,6 +102,9 @@ def read_run(run: Path) -> dict:
     train = [by_key[k] for k in sorted(k for k in by_key if k[0] == "train")]
     valid = [by_key[k] for k in sorted(k for k in by_key if k[0] == "valid")]
     out: dict = {"iterations": train[-1]["iteration"] if train else 0}
+    calibration = [by_key[k] for k in by_key if k[0] == "calibration"]
+    if calibration:  # "auto" coefficients calibrated after warm-up (--moe-loss-calibration-iters)
+        out["calibrated"] = {k: v for k, v in calibration[-1].items() if k != "split"}
     if valid:
         out["valid_loss"] = valid[-1]["lm_loss"]
         out["valid_ppl"] = math.exp(valid[-1]["lm_loss"])
@@ -419,6 +423,10 @@ def write_report(agg: dict, args: argparse.Namespace, variants: list[str], seeds
     lines.append(f"- coefficients: {args.coefficients}")
     if any(v in variants for v in "fgh"):
         lines.append(f"- OMoE flags: f, g `{args.omoe}`; h `{args.omoe_repr}`")
+    for (v, seed), run in sorted(per_run.items()):
+        if run.get("calibrated"):
+            values = ", ".join(f"{k}={val:g}" for k, val in run["calibrated"].items())
+            lines.append(f"- {v} seed {seed}: calibrated {values}")
     for v in variants:
         flags = variant_flags(per_run, v)
         if flags:

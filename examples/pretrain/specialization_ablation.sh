@@ -2,7 +2,8 @@
 # Expert-specialization ablation: train the same GPT-MoE on the same data, seeds and steps with
 #   a) the aux loss only, b) + L_o, c) + L_v, d) + L_o + L_v, e) + L_o (pairwise form) + L_v,
 #   and with the orthogonal expert optimizer (OMoE): f) + OMoE (weight subspace), g) + L_o + L_v
-#   + OMoE, h) + OMoE (representation subspace),
+#   + OMoE, h) + OMoE (representation subspace); and i) + L_o + L_v with "auto" coefficients
+#   calibrated after warm-up steps,
 # run tools/analyze_specialization.py on each final checkpoint, and write one comparison
 # (mean +- std over seeds) with tools/ablation_report.py: results.md, results.json and PNGs.
 #
@@ -18,7 +19,7 @@
 #   --setting NAME        name of the setting (output dirs are named after it)
 #   --preset P            launcher preset name or YAML file (default ablation_cpu)
 #   --seeds "1 2 3"       seeds (the same for every variant)
-#   --variants "a b c d e"   (any of a-h; default a-e)
+#   --variants "a b c d e"   (any of a-i; default a-e)
 #   --beta X              L_o coefficient of variants b, d (span form; default 10)
 #   --beta-pairwise X     L_o coefficient of variant e (pairwise form; default 10)
 #   --gamma X             L_v coefficient of variants c, d, e (default 0.1)
@@ -30,6 +31,8 @@
 #                         cycles of 4 plain steps and 1 projected step)
 #   --omoe-repr "FLAGS"   OMoE flags of variant h (default: "--moe-orthogonal-subspace
 #                         representations --moe-orthogonal-alpha 1")
+#   --calibration-iters K warm-up steps of variant i before its "auto" coefficients are
+#                         calibrated (default 50)
 #   --runs-dir DIR        checkpoints and logs (default runs/ablation_<setting>); finished runs
 #                         are skipped, interrupted ones resume from their last checkpoint
 #   --output-dir DIR      the report (default docs/results/ablation_<setting>)
@@ -52,7 +55,7 @@ for word in "$@"; do COMMAND_LINE+=" $(printf '%q' "$word")"; done
 
 SETTING="" PRESET="" SEEDS="" VARIANTS="" RUNS_DIR="" OUT_DIR="" MODE=default REPORT_ONLY=0
 BETA=10 BETA_PW=10 GAMMA=0.1 ANALYSIS_EXTRA="" EXTRA=()
-OMOE="--moe-orthogonal-alpha 0.1"
+OMOE="--moe-orthogonal-alpha 0.1" CALIBRATION_ITERS=50
 OMOE_REPR="--moe-orthogonal-subspace representations --moe-orthogonal-alpha 1"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -67,6 +70,7 @@ while [[ $# -gt 0 ]]; do
         --gamma) GAMMA=$2; shift ;;
         --omoe) OMOE=$2; shift ;;
         --omoe-repr) OMOE_REPR=$2; shift ;;
+        --calibration-iters) CALIBRATION_ITERS=$2; shift ;;
         --runs-dir) RUNS_DIR=$2; shift ;;
         --output-dir) OUT_DIR=$2; shift ;;
         --analysis-args) ANALYSIS_EXTRA=$2; shift ;;
@@ -122,7 +126,8 @@ variant_flags() {   # the loss flags of one variant
         f) echo "--moe-ortho-loss-coeff 0 --moe-var-loss-coeff 0 --moe-orthogonal-optimizer $OMOE" ;;
         g) echo "--moe-ortho-loss-coeff $BETA --moe-var-loss-coeff $GAMMA --moe-orthogonal-optimizer $OMOE" ;;
         h) echo "--moe-ortho-loss-coeff 0 --moe-var-loss-coeff 0 --moe-orthogonal-optimizer $OMOE_REPR" ;;
-        *) echo "error: unknown variant $1 (a-h)" >&2; return 2 ;;
+        i) echo "--moe-ortho-loss-coeff auto --moe-var-loss-coeff auto --moe-loss-calibration-iters $CALIBRATION_ITERS" ;;
+        *) echo "error: unknown variant $1 (a-i)" >&2; return 2 ;;
     esac
 }
 for v in $VARIANTS; do variant_flags "$v" > /dev/null; done

@@ -34,16 +34,20 @@ OrthoForm = Literal["span", "pairwise"]
 ORTHO_FORMS: tuple[str, ...] = ("span", "pairwise")
 
 
-class _HalfPrecisionGram(torch.autograd.Function):
-    """G = X X^T for bf16/fp16 X with float32 accumulation and output, without a float32 copy of X.
+class _Gram(torch.autograd.Function):
+    """G = X X^T per token, with a backward of one batched product: dX = (dG + dG^T) X.
 
-    Forward uses ``bmm(..., out_dtype=float32)`` on CUDA (a plain float32 product elsewhere);
-    backward: dX = (dG + dG^T) X, in X's dtype with float32 accumulation, like autocast would.
+    Autograd's own backward of ``bmm(X, X^T)`` runs two batched products (one per operand) and
+    adds them, a third pass over [T, k, H]. bf16/fp16 X: float32 accumulation and output without
+    a float32 copy of X (``bmm(..., out_dtype=float32)`` on CUDA; an upcast elsewhere), and dX in
+    X's dtype, like autocast would. float32 / float64 X: computed in X's dtype.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
+        if x.dtype in (torch.float32, torch.float64):
+            return torch.bmm(x, x.transpose(1, 2))
         if x.is_cuda:
             return torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
         x32 = x.float()
@@ -66,11 +70,9 @@ def gram_matrices(expert_outputs: torch.Tensor) -> torch.Tensor:
         [T, k, k] G_t = X_t X_t^T in float32 (float64 if the input is float64). bf16/fp16
         inputs are multiplied in their own dtype with float32 accumulation and output.
     """
-    if expert_outputs.dtype in (torch.bfloat16, torch.float16):
-        return _HalfPrecisionGram.apply(expert_outputs)
-    compute_dtype = torch.float64 if expert_outputs.dtype == torch.float64 else torch.float32
-    x = expert_outputs.to(compute_dtype)
-    return torch.bmm(x, x.transpose(1, 2))
+    if expert_outputs.dtype not in (torch.bfloat16, torch.float16, torch.float64):
+        expert_outputs = expert_outputs.float()
+    return _Gram.apply(expert_outputs)
 
 
 def span_projection_norms(gram: torch.Tensor, eps: float) -> torch.Tensor:
