@@ -81,6 +81,8 @@ def plot(rows: list[dict], out: Path) -> Optional[str]:
             if not math.isnan(s):
                 ax.axhspan(m - s, m + s, color="gray", alpha=0.15)
         ax.set_xscale("log")
+        if key == "expert_overlap" and all(m > 0 for m in means):
+            ax.set_yscale("log")  # it falls by orders of magnitude
         ax.set_xlabel("beta (L_o coefficient)")
         ax.set_title(LABELS[key] + arrow(key))
         ax.grid(alpha=0.3)
