@@ -98,6 +98,9 @@ def test_orthogonal_experts_have_overlap_zero():
     # Partial alignment: x_2 at 60 degrees to x_1 -> cos^2 = 1/4.
     pair = torch.tensor([[[1.0, 0.0], [0.5, math.sqrt(3) / 2]]])
     assert metrics.expert_output_cosines(pair, _map([(0, 1)], 2))[1] == pytest.approx(0.25)
+    # Token t's outputs are (t+1) e_j: routed squared norms (t+1)^2, H = 4 -> RMS^2 = 91/6/4.
+    assert metrics.routed_output_rms(outputs, routing_map) == pytest.approx(math.sqrt(91 / 24))
+    assert math.isnan(metrics.routed_output_rms(outputs, torch.zeros(6, 4, dtype=torch.bool)))
 
 
 def test_silhouette_by_hand_and_extremes():
@@ -150,7 +153,7 @@ def _synthetic_result():
         "tokens_per_domain": [4, 4], "expert_overlap": float("nan"), "silhouette": 0.9,
         "token_sample": 8, "silhouette_points": 8, "output_similarity": [[1, 0.1], [0.1, 1]],
         "output_similarity_mean": 0.1, "weight_similarity": [[1, 0], [0, 1]],
-        "weight_similarity_mean": 0.0,
+        "weight_similarity_mean": 0.0, "routed_output_rms": 0.3,
     }
     from megatron_patch.analysis.runner import SCALAR_METRICS
 

@@ -45,6 +45,7 @@ METRICS = [
     ("silhouette", "silhouette", "high", "analysis"),
     ("output_similarity_mean", "expert output similarity", "low", "analysis"),
     ("weight_similarity_mean", "expert weight similarity", "low", "analysis"),
+    ("routed_output_rms", "routed output RMS", "", "analysis"),
     ("routing_variance", "routing variance", "high", "analysis"),
     ("routing_entropy", "routing entropy (nats)", "low", "analysis"),
     ("domain_nmi", "NMI(domain; expert)", "high", "analysis"),
@@ -63,7 +64,7 @@ BETTER = {key: better for key, _, better, _ in METRICS}
 QUALITY_TABLE = ["valid_loss", "valid_ppl", "max_vio", "train_max_vio", "tokens_per_s", "train_s"]
 SPECIALIZATION_TABLE = [
     "expert_overlap", "silhouette", "output_similarity_mean", "weight_similarity_mean",
-    "routing_variance", "routing_entropy", "domain_nmi", "domain_mi_over_domain_entropy",
+    "routed_output_rms", "routing_variance", "routing_entropy", "domain_nmi", "domain_mi_over_domain_entropy",
     "routing_overlap_same_domain", "routing_overlap_cross_domain", "routing_overlap",
 ]
 PLOTTED = [key for key in QUALITY_TABLE[:-1] + SPECIALIZATION_TABLE if key != "routing_overlap"]

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 from ablation_report import LABELS, _nan_to_none, _pyplot, arrow, fmt_ms, mean_std
 
 COLUMNS = ["valid_loss", "valid_ppl", "expert_overlap", "silhouette", "output_similarity_mean",
-           "domain_nmi", "routing_overlap_same_domain", "routing_overlap_cross_domain",
+           "routed_output_rms", "domain_nmi", "routing_overlap_same_domain", "routing_overlap_cross_domain",
            "routing_entropy", "max_vio", "tokens_per_s"]
 PAIRED = ["valid_loss", "expert_overlap", "silhouette", "domain_nmi"]
 
@@ -68,7 +68,8 @@ def plot(rows: list[dict], out: Path) -> Optional[str]:
     plt = _pyplot()
     swept = [r for r in rows if r["beta"] > 0]
     baseline = next((r for r in rows if r["beta"] == 0), None)
-    shown = ["valid_loss", "expert_overlap", "silhouette", "domain_nmi", "routing_entropy", "max_vio"]
+    shown = ["valid_loss", "expert_overlap", "silhouette", "domain_nmi", "routed_output_rms",
+             "max_vio"]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, key in zip(axes.flat, shown):
         xs = [r["beta"] for r in swept]

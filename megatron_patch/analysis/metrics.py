@@ -35,6 +35,9 @@ Representations
     output similarity S_ef = mean_t cos(x_te, x_tf) on the same tokens; weight similarity
     W_ef = cos(w_e, w_f) with w_e expert e's flattened fc1 and fc2 weights. Their "mean" is the
     mean over the E (E - 1) / 2 pairs e < f.
+    routed output RMS = sqrt(mean over (t, selected e) of ||x_te||^2 / H): the scale of the
+    unweighted routed outputs. L_o is not scale-free (it is ~ overlap x ||x||^2), so it can be
+    lowered by shrinking the outputs as well as by turning them apart; this shows which.
 """
 
 from __future__ import annotations
@@ -193,6 +196,22 @@ def expert_output_cosines(outputs: torch.Tensor, routing_map: torch.Tensor,
     sim /= max(num_tokens, 1)
     overlap = float(overlap_sum / overlap_pairs) if overlap_pairs > 0 else float("nan")
     return sim, overlap
+
+
+def routed_output_rms(outputs: torch.Tensor, routing_map: torch.Tensor) -> float:
+    """RMS of the routed outputs: sqrt(mean over selected (t, e) of ||x_te||^2 / H).
+
+    Args:
+        outputs: [T, E, H] unweighted outputs of every expert on T tokens.
+        routing_map: [T, E] bool, the experts each token was routed to.
+
+    Returns:
+        The RMS (float), NaN if nothing is routed.
+    """
+    selected = outputs[routing_map].double()  # [pairs, H]
+    if selected.numel() == 0:
+        return float("nan")
+    return float(selected.square().mean().sqrt())
 
 
 def silhouette_score(points: torch.Tensor, labels: torch.Tensor, metric: str = "cosine") -> float:

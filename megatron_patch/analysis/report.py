@@ -26,6 +26,7 @@ _LABELS = {
     "domain_mi": "MI(domain; expert) (nats)",
     "domain_nmi": "NMI(domain; expert)",
     "domain_mi_over_domain_entropy": "MI / H(domain)",
+    "routed_output_rms": "RMS of routed (unweighted) expert outputs",
 }
 
 

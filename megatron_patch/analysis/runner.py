@@ -42,7 +42,7 @@ SCALAR_METRICS = (
     "expert_overlap", "routing_overlap", "routing_overlap_same_domain",
     "routing_overlap_cross_domain", "routing_variance", "routing_entropy", "max_vio",
     "silhouette", "output_similarity_mean", "weight_similarity_mean", "domain_mi", "domain_nmi",
-    "domain_mi_over_domain_entropy",
+    "domain_mi_over_domain_entropy", "routed_output_rms",
 )
 
 
@@ -130,7 +130,7 @@ def _make_batch(dataset, indices, seq_length, sidecar, device):
 
 def _layer_expert_metrics(layer, sample, opts: AnalysisOptions, layer_number: int) -> dict:
     out = {"token_sample": 0, "expert_overlap": float("nan"), "silhouette": float("nan"),
-           "silhouette_points": 0}
+           "silhouette_points": 0, "routed_output_rms": float("nan")}
     weights = expert_weight_vectors(layer)
     weight_sim = metrics.cosine_similarity_matrix(weights)
     out["weight_similarity"] = weight_sim.tolist()
@@ -142,7 +142,8 @@ def _layer_expert_metrics(layer, sample, opts: AnalysisOptions, layer_number: in
     routing_map = sample["routing_map"]
     sim, overlap = metrics.expert_output_cosines(outputs, routing_map)
     out.update(token_sample=int(outputs.shape[0]), expert_overlap=overlap,
-               output_similarity=sim.tolist(), output_similarity_mean=metrics.mean_off_diagonal(sim))
+               output_similarity=sim.tolist(), output_similarity_mean=metrics.mean_off_diagonal(sim),
+               routed_output_rms=metrics.routed_output_rms(outputs, routing_map))
     tokens, experts = routing_map.nonzero(as_tuple=True)
     gen = torch.Generator().manual_seed(opts.seed + layer_number)
     pick = torch.randperm(tokens.numel(), generator=gen)[: opts.silhouette_points].sort().values
