@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import _free_port
 
 from megatron_patch.analysis import metrics
 from megatron_patch.analysis.accumulate import LayerAccumulator
@@ -233,3 +234,25 @@ def test_tool_end_to_end_on_a_trained_checkpoint(tiny_data, tmp_path):
     for key, value in result["mean"].items():
         assert again["mean"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert again["layers"][0]["domain_expert_counts"] == result["layers"][0]["domain_expert_counts"]
+
+
+def test_identical_expert_init_under_expert_parallelism(tiny_data, tmp_path):
+    """--moe-identical-expert-init with EP=2: all four experts (two per rank) equal expert 0."""
+    save = tmp_path / "ckpt"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+          str(_free_port()), "-m", "megatron_patch.training.pretrain",
+          "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
+          "--ffn-hidden-size", "64", "--num-experts", "4", "--moe-router-topk", "2",
+          "--expert-model-parallel-size", "2", "--moe-identical-expert-init",
+          "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+          "--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0", "--train-iters", "1",
+          "--eval-iters", "0",
+          "--no-progress-bar",
+          "--data-path", tiny_data.train, "--valid-data-path", tiny_data.valid,
+          "--tokenizer-model", tiny_data.tokenizer, "--save", str(save)])
+    _run([sys.executable, "tools/analyze_specialization.py", "--load", str(save), "--num-samples",
+          "4", "--sample-tokens", "64", "--silhouette-points", "50", "--no-plots",
+          "--no-progress-bar", "--output-dir", str(tmp_path / "a")])
+    (layer,) = json.loads((tmp_path / "a" / "specialization.json").read_text())["layers"]
+    assert layer["weight_similarity_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert layer["output_similarity_mean"] == pytest.approx(1.0, abs=1e-5)

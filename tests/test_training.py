@@ -182,6 +182,8 @@ def test_flag_validation_without_processes(tmp_path):
     minimal = ["--data-path", "x", "--tokenizer-model", "t", "--num-experts", "4"]
     for extra, message in (
         (["--moe-loss-calibration-iters", "5"], "needs an 'auto'"),
+        (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 must be <= --lr 0.0001"),
+        (["--moe-identical-expert-init", "--moe-grouped-gemm"], "drop --moe-grouped-gemm"),
         (["--moe-ortho-loss-coeff", "auto", "--moe-loss-calibration-iters", "5",
           "--train-iters", "5"], r"in \[1, --train-iters 5\)"),
         (["--moe-orthogonal-optimizer", "--moe-orthogonal-subspace", "representations",

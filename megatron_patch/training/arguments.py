@@ -64,6 +64,9 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
     g.add_argument("--moe-grouped-gemm", action="store_true", help="grouped GEMM experts (GPU)")
+    g.add_argument("--moe-identical-expert-init", action="store_true",
+                   help="start every routed expert of a layer as a copy of its expert 0 (the state "
+                   "sparse upcycling starts from; a test of expert diversification)")
     g.add_argument("--moe-permute-fusion", action="store_true")
     add_specialization_args(parser)
     o = parser.add_argument_group("orthogonal expert optimizer (OMoE, arXiv 2310.09762)")
@@ -232,6 +235,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ArgumentError(
             f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} must divide "
             f"tp x dp = {tp * dp} (world {world_size} / pp {pp}); lower them or add processes"
+        )
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} must be <= --lr {args.lr}")
+    if args.moe_identical_expert_init and args.moe_grouped_gemm:
+        raise ArgumentError(
+            "--moe-identical-expert-init supports SequentialMLP experts: drop --moe-grouped-gemm"
         )
     if args.moe_loss_calibration_iters != 0:
         auto = "auto" in (args.moe_ortho_loss_coeff, args.moe_var_loss_coeff)

@@ -13,6 +13,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_patch.moe.arguments import specialization_config_kwargs
 from megatron_patch.moe.config import SpecializationConfig
@@ -112,6 +113,8 @@ def build_model(
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if args.moe_identical_expert_init:
+        init_identical_experts(model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=args.use_distributed_optimizer,
@@ -120,3 +123,32 @@ def build_model(
     config.no_sync_func = ddp_model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     return [ddp_model]
+
+
+@torch.no_grad()
+def init_identical_experts(model: torch.nn.Module) -> None:
+    """Make every routed expert of each MoE layer a copy of the layer's global expert 0.
+
+    The state sparse upcycling starts from (all experts copies of one FFN): a stress test for
+    expert diversification (``--moe-identical-expert-init``). Expert 0 lives on rank 0 of the
+    expert-model-parallel group; its parameters (this rank's expert-tensor-parallel shard) are
+    broadcast over that group, then copied into the local experts. Expert-data-parallel replicas
+    do the same from identical sources.
+    """
+    group = parallel_state.get_expert_model_parallel_group()
+    source_rank = torch.distributed.get_global_rank(group, 0)
+    for name, module in model.named_modules():
+        experts = getattr(getattr(module, "mlp", None), "experts", None)
+        if experts is None:
+            continue
+        if not isinstance(experts, SequentialMLP):
+            raise ValueError(
+                f"--moe-identical-expert-init supports SequentialMLP experts; {name}.mlp.experts is "
+                f"{type(experts).__name__}. Drop --moe-grouped-gemm."
+            )
+        source = list(experts.local_experts[0].parameters())
+        for param in source:
+            torch.distributed.broadcast(param.data, src=source_rank, group=group)
+        for expert in experts.local_experts[1:]:
+            for param, value in zip(expert.parameters(), source):
+                param.copy_(value)
