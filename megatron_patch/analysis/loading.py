@@ -55,17 +55,19 @@ def checkpoint_args(where: Path, config_file: Optional[str] = None) -> tuple[arg
     Checkpoints written before the flags were saved need ``config_file``: a YAML of pretrain
     flags (as for ``pretrain --config``) describing the same model.
     """
+    from megatron_patch.training.arguments import parse_args
+
     common = dist_checkpointing.load_common_state_dict(str(where))
     saved = common.get("args")
     if saved is not None:
-        return argparse.Namespace(**saved), common
+        # Flags added after the checkpoint was written take their defaults.
+        defaults = vars(parse_args(["--data-path", "unknown", "--tokenizer-model", "unknown"]))
+        return argparse.Namespace(**{**defaults, **saved}), common
     if config_file is None:
         raise AnalysisError(
             f"{where} does not record the run's flags (written before checkpoints carried them); "
             "pass --config with the pretraining YAML (e.g. examples/pretrain/configs/tiny_cpu.yaml)"
             " and --tokenizer-model")
-    from megatron_patch.training.arguments import parse_args
-
     args = parse_args(["--config", config_file, "--data-path", "unknown",
                        "--tokenizer-model", "unknown"])
     return args, common
