@@ -5,7 +5,8 @@
 # (tools/sweep_report.py).
 #
 #   examples/pretrain/ortho_coeff_sweep.sh [--betas "0.01 0.1 1 10"] [--seeds "1 2 3"]
-#                                          [--runs-dir DIR] [--output-dir DIR] [--report-only]
+#                                          [--runs-dir DIR] [--output-dir DIR]
+#                                          [--report-only (rewrite the reports from the runs)]
 #                                          [other specialization_ablation.sh options] [-- pretrain flags]
 #
 # Each point is one specialization_ablation.sh call with its own runs directory
@@ -16,7 +17,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 COMMAND_LINE="examples/pretrain/ortho_coeff_sweep.sh"
-for word in "$@"; do COMMAND_LINE+=" $(printf '%q' "$word")"; done
+for word in "$@"; do
+    [[ "$word" == --report-only ]] || COMMAND_LINE+=" $(printf '%q' "$word")"
+done
 
 BETAS="0.01 0.1 1 10" SEEDS="1 2 3" RUNS_DIR=$ROOT/runs/ortho_sweep
 OUT_DIR=$ROOT/docs/results/ortho_coeff_sweep REPORT_ONLY=0 PASS=()
@@ -41,16 +44,16 @@ done
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [[ -x "$PYTHON" ]] || PYTHON=python3
 
-point() {   # beta, variant
+point() {   # beta, variant, [--report-only]
     "$ROOT/examples/pretrain/specialization_ablation.sh" --setting "beta_$1" --variants "$2" \
         --beta "$1" --seeds "$SEEDS" --runs-dir "$RUNS_DIR/beta_$1" --output-dir "$OUT_DIR/beta_$1" \
-        "${PASS[@]}"
+        "${@:3}" "${PASS[@]}"
 }
 
-if [[ "$REPORT_ONLY" == 0 ]]; then
-    point 0 a
-    for beta in $BETAS; do point "$beta" b; done
-fi
+ONLY=()
+[[ "$REPORT_ONLY" == 1 ]] && ONLY=(--report-only)
+point 0 a "${ONLY[@]}"
+for beta in $BETAS; do point "$beta" b "${ONLY[@]}"; done
 POINTS=("$OUT_DIR/beta_0")
 for beta in $BETAS; do POINTS+=("$OUT_DIR/beta_$beta"); done
 "$PYTHON" "$ROOT/tools/sweep_report.py" --output-dir "$OUT_DIR" --command "$COMMAND_LINE" "${POINTS[@]}"

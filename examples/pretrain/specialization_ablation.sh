@@ -51,7 +51,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 COMMAND_LINE="examples/pretrain/specialization_ablation.sh"
-for word in "$@"; do COMMAND_LINE+=" $(printf '%q' "$word")"; done
+for word in "$@"; do   # the command that trains the runs (a --report-only rerun reports it)
+    [[ "$word" == --report-only ]] || COMMAND_LINE+=" $(printf '%q' "$word")"
+done
 
 SETTING="" PRESET="" SEEDS="" VARIANTS="" RUNS_DIR="" OUT_DIR="" MODE=default REPORT_ONLY=0
 BETA=10 BETA_PW=10 GAMMA=0.1 ANALYSIS_EXTRA="" EXTRA=()
