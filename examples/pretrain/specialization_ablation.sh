@@ -14,7 +14,7 @@
 #              300 steps of 16 sequences), seeds 1 2 3, all five variants: ~1.5 h on 2 CPU cores
 #   --quick    setting "quick": a tiny model (2 layers, hidden 64, 16 experts top-4, seq 64),
 #              60 steps, seed 1, all five variants: a few minutes on 2 CPU cores
-#   --smoke    setting "smoke": a toy model, 2 steps, variants a, d and h, seed 1 (the test)
+#   --smoke    setting "smoke": a toy model, 2 steps, variants a and h, seed 1 (the test)
 # Options:
 #   --setting NAME        name of the setting (output dirs are named after it)
 #   --preset P            launcher preset name or YAML file (default ablation_cpu)
@@ -97,7 +97,7 @@ case "$MODE" in
                        --lr-warmup-iters 5 --eval-interval 30 --eval-iters 4)
         ANALYSIS_FLAGS=(--num-samples 32 --sample-tokens 512 --silhouette-points 500) ;;
     smoke)
-        SETTING=${SETTING:-smoke}; SEEDS=${SEEDS:-1}; VARIANTS=${VARIANTS:-a d h}
+        SETTING=${SETTING:-smoke}; SEEDS=${SEEDS:-1}; VARIANTS=${VARIANTS:-a h}
         SETTING_FLAGS=(--num-layers 2 --hidden-size 32 --ffn-hidden-size 64
                        --moe-ffn-hidden-size 32 --num-experts 4 --moe-router-topk 2
                        --seq-length 32 --micro-batch-size 2 --global-batch-size 4
