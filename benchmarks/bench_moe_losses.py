@@ -667,10 +667,10 @@ def collectives_section(counts: Optional[dict]) -> list[str]:
         "all-to-all already returns; its slot count and L_v's token count are uniform under "
         "dropless routing without padding masks, so neither is all-reduced (with capacity "
         "dropping or padding masks each adds one scalar all-reduce over TP x CP, a no-op at "
-        "TP = CP = 1). One all-to-all per rank goes away in backward: with L_o the dispatcher "
-        "hands the experts unit gates and applies the real gates on the owner rank after the "
-        "combine, so the dispatched gate probabilities (k * T_local float32 values) get no "
-        "gradient and their backward all-to-all does not run.", ""]
+        "TP = CP = 1). Two all-to-alls per rank go away: with L_o the dispatcher hands the "
+        "experts unit gates and applies the real gates on the owner rank after the combine, so "
+        "the gate probabilities (k * T_local float32 values) are neither sent in forward nor "
+        "their gradient returned in backward.", ""]
 
 
 def along(rows: list[dict], base: LayerSize, attr: str,
