@@ -5,8 +5,8 @@ phase of M steps, in which the gradient of each routed expert's weight matrices 
 the orthogonal complement of the subspace spanned by the *other* experts of the same layer, then
 handed to the base optimizer:
 
-    fc1 (rows in the input space R^H):   G1_i <- G1_i P_i^in,   P_i^in  from the other experts' fc1 side
-    fc2 (columns in the output space):  G2_i <- P_i^out G2_i,  P_i^out from the other experts' fc2 side
+    fc1 (rows in the input space R^H):   G1_i <- G1_i P_i^in   (P_i^in: the others' fc1 side)
+    fc2 (columns in the output space):  G2_i <- P_i^out G2_i  (P_i^out: the others' fc2 side)
 
 with the OWM projector P_i = a (S_-i + a I)^{-1}, S_-i the second moment of the spanning vectors
 of the other experts (``megatron_patch.optimizer.projection``). What spans the subspace
@@ -32,15 +32,15 @@ and gradients (after DDP), so nothing else runs over DP.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.transformer.moe.experts import SequentialMLP
-from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_patch.moe.experts import sequential_experts
 from megatron_patch.optimizer.projection import project, second_moment
 from megatron_patch.optimizer.representations import ExpertRepresentationMoments
 
@@ -121,23 +121,6 @@ class OrthogonalOptimizerConfig:
                 and self.accumulate_steps - self.window <= position < self.accumulate_steps)
 
 
-def expert_modules(
-    model_chunks: Iterable[torch.nn.Module],
-) -> Iterator[tuple[int, SequentialMLP]]:
-    """(global layer number, routed experts) of every MoE layer; refuses other expert modules."""
-    for chunk in model_chunks:
-        for name, module in chunk.named_modules():
-            experts = getattr(getattr(module, "mlp", None), "experts", None)
-            if not isinstance(module, TransformerLayer) or experts is None:
-                continue
-            if not isinstance(experts, SequentialMLP):
-                raise OrthogonalOptimizerError(
-                    f"--moe-orthogonal-optimizer supports SequentialMLP experts; {name}.mlp.experts "
-                    f"is {type(experts).__name__}. Drop --moe-grouped-gemm for now."
-                )
-            yield module.layer_number, experts
-
-
 def _weight_moments(experts: SequentialMLP, kind: str) -> torch.Tensor:
     """Second moments of each local expert's fc1 rows / fc2 columns, [E_local, H, H] float64.
 
@@ -216,7 +199,9 @@ class OrthogonalExpertOptimizer:
             )
         self.base = base
         self.config = config
-        self.experts = list(expert_modules(model_chunks))
+        self.experts = list(
+            sequential_experts(model_chunks, "--moe-orthogonal-optimizer", OrthogonalOptimizerError)
+        )
         if not self.experts:
             raise OrthogonalOptimizerError(
                 "--moe-orthogonal-optimizer found no MoE experts: set --num-experts"

@@ -21,6 +21,7 @@ an expert-tensor-parallel group; fc2 outputs are partial sums there, hence refus
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -46,21 +47,20 @@ class ExpertRepresentationMoments:
         local = experts.local_experts
         hidden = local[0].linear_fc1.weight.shape[1]
         device = local[0].linear_fc1.weight.device
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        zeros = functools.partial(torch.zeros, dtype=torch.float64, device=device)
         self.moments = {kind: zeros(len(local), hidden, hidden) for kind in kinds}
         self.counts = zeros(len(local))
         self._pending = {kind: zeros(len(local), hidden, hidden) for kind in kinds}
         self._pending_counts = zeros(len(local))
-        self._handles = []
         for j, expert in enumerate(local):
             if "fc1" in kinds:
-                self._handles.append(expert.linear_fc1.register_forward_pre_hook(
-                    lambda module, args, j=j: self._record("fc1", j, module, args[0], count=True)))
+                expert.linear_fc1.register_forward_pre_hook(
+                    lambda module, args, j=j: self._record("fc1", j, module, args[0], count=True))
             if "fc2" in kinds:
-                self._handles.append(expert.linear_fc2.register_forward_hook(
+                expert.linear_fc2.register_forward_hook(
                     lambda module, args, out, j=j: self._record(
                         "fc2", j, module, out[0] if isinstance(out, tuple) else out,
-                        count="fc1" not in kinds)))
+                        count="fc1" not in kinds))
 
     def _record(self, kind: str, j: int, module: torch.nn.Module, rows: torch.Tensor,
                 count: bool) -> None:

@@ -13,10 +13,10 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_patch.moe.arguments import specialization_config_kwargs
 from megatron_patch.moe.config import SpecializationConfig
+from megatron_patch.moe.experts import sequential_experts
 from megatron_patch.moe.specs import get_gpt_layer_spec
 
 
@@ -137,15 +137,7 @@ def init_identical_experts(model: torch.nn.Module) -> None:
     """
     group = parallel_state.get_expert_model_parallel_group()
     source_rank = torch.distributed.get_global_rank(group, 0)
-    for name, module in model.named_modules():
-        experts = getattr(getattr(module, "mlp", None), "experts", None)
-        if experts is None:
-            continue
-        if not isinstance(experts, SequentialMLP):
-            raise ValueError(
-                f"--moe-identical-expert-init supports SequentialMLP experts; {name}.mlp.experts is "
-                f"{type(experts).__name__}. Drop --moe-grouped-gemm."
-            )
+    for _, experts in sequential_experts([model], "--moe-identical-expert-init"):
         source = list(experts.local_experts[0].parameters())
         for param in source:
             torch.distributed.broadcast(param.data, src=source_rank, group=group)
