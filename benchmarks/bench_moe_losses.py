@@ -9,7 +9,11 @@ Measures, side by side in one run on one device:
 3. how the cost grows with tokens T, top-k and hidden size H: the losses alone against an
    estimate of the expert compute, and the layer overhead at a few more points (plus a plot);
 4. on CPU, the collectives one fwd+bwd issues without vs with the losses in a 2-process gloo
-   run with expert parallelism 2 (skipped on GPU).
+   run with expert parallelism 2 (skipped on GPU);
+5. the marginal cost of L_o where the layer computes it, the combine tail (gates alone vs gates
+   + Gram matrices + L_o, fwd+bwd on the combined rows), per L_o kernel (``torch``; ``triton``,
+   the fused kernel, on GPU), against the expert GEMM estimate: the number that stays when the
+   experts are grouped GEMMs instead of the launch-bound SequentialMLP of part 2.
 
 Writes ``docs/benchmarks_<device>.md`` (one file per device, overwritten), a PNG plot beside it
 when matplotlib is installed, and ``docs/benchmarks.md``, an index of all device files. The
@@ -18,6 +22,11 @@ Markdown is also printed to stdout; progress goes to stderr.
     python benchmarks/bench_moe_losses.py                 # CPU: fp32, small sizes, < 5 min
     python benchmarks/bench_moe_losses.py --device cuda   # GPU: bf16, realistic sizes
     python benchmarks/bench_moe_losses.py --quick         # fewer sizes and repetitions
+    python benchmarks/bench_moe_losses.py --kernels torch # only the torch L_o kernel
+
+On GPU both L_o kernels are measured when triton is installed. ``--kernels torch,triton`` on CPU
+needs TRITON_INTERPRET=1 and times Triton's interpreter: a check that the script runs, not a
+measurement.
 """
 
 from __future__ import annotations
@@ -48,7 +57,13 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
-from megatron_patch.moe.losses import orthogonality_loss, variance_loss  # noqa: E402
+from megatron_patch.moe.gated_gram import GRAM_KERNELS, apply_gates, gated_gram  # noqa: E402
+from megatron_patch.moe.grouping import token_slot_rows  # noqa: E402
+from megatron_patch.moe.losses import (  # noqa: E402
+    orthogonality_loss,
+    projection_norms,
+    variance_loss,
+)
 
 # megatron-core is imported inside functions: the collective counters of part 4 must be
 # installed before megatron binds torch.distributed functions to module-level names.
@@ -87,9 +102,10 @@ class Plan:
     naive_tokens: int  # part 1: T for the naive loops
     reps: int
     warmup: int
+    kernels: tuple[str, ...]  # L_o kernels measured in parts 2 and 5
 
 
-def make_plan(device: torch.device, quick: bool) -> Plan:
+def make_plan(device: torch.device, quick: bool, kernels: tuple[str, ...]) -> Plan:
     """Sizes and repetitions: realistic bf16 on GPU, proportionally smaller fp32 on CPU."""
     if device.type == "cuda":
         small = LayerSize(hidden=2048, ffn=1408, experts=64, topk=6, tokens=8192)
@@ -113,6 +129,7 @@ def make_plan(device: torch.device, quick: bool) -> Plan:
         naive_tokens=naive_tokens,
         reps=3 if quick else reps,
         warmup=1 if quick else warmup,
+        kernels=kernels,
     )
 
 
@@ -263,7 +280,8 @@ def shutdown_megatron() -> None:
     dist.destroy_process_group()
 
 
-def make_config(size: LayerSize, dtype: torch.dtype, coeff: float, expert_parallel: int = 1):
+def make_config(size: LayerSize, dtype: torch.dtype, coeff: float, expert_parallel: int = 1,
+                kernel: str = "torch"):
     """SpecializationConfig of one SwiGLU MoE layer; coeff 0 is exactly megatron's MoELayer."""
     from megatron_patch.moe.config import SpecializationConfig
 
@@ -286,25 +304,37 @@ def make_config(size: LayerSize, dtype: torch.dtype, coeff: float, expert_parall
         expert_model_parallel_size=expert_parallel,
         moe_ortho_loss_coeff=coeff,
         moe_var_loss_coeff=coeff,
+        moe_ortho_loss_kernel=kernel,
     )
 
 
+def variant_name(kernel: str) -> str:
+    """Layer variant with L_o + L_v computed by ``kernel``: 'with' (torch), 'with triton'."""
+    return "with" if kernel == "torch" else f"with {kernel}"
+
+
 def build_layer_pair(size: LayerSize, dtype: torch.dtype, device: torch.device,
-                     expert_parallel: int = 1) -> dict[str, torch.nn.Module]:
-    """'without' and 'with' L_o + L_v layers (local spec: SequentialMLP) with identical weights."""
+                     expert_parallel: int = 1,
+                     kernels: tuple[str, ...] = ("torch",)) -> dict[str, torch.nn.Module]:
+    """'without' and, per L_o kernel, 'with' L_o + L_v layers (local spec: SequentialMLP), all
+    with identical weights."""
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_patch.moe.specs import get_gpt_layer_spec
 
     layers = {}
-    for name, coeff in (("without", 0.0), ("with", LOSS_COEFF)):
+    variants = [("without", 0.0, "torch")]
+    variants += [(variant_name(kernel), LOSS_COEFF, kernel) for kernel in kernels]
+    for name, coeff, kernel in variants:
         spec = get_gpt_layer_spec(size.experts).submodules.mlp
-        layer = build_module(spec, config=make_config(size, dtype, coeff, expert_parallel))
+        config = make_config(size, dtype, coeff, expert_parallel, kernel)
+        layer = build_module(spec, config=config)
         layer.set_layer_number(1)
         layers[name] = layer.to(device).train()
     with torch.no_grad():
-        for dst, src in zip(layers["with"].parameters(), layers["without"].parameters()):
-            dst.copy_(src)
+        for name, layer in layers.items():
+            for dst, src in zip(layer.parameters(), layers["without"].parameters()):
+                dst.copy_(src)
     return layers
 
 
@@ -338,19 +368,40 @@ def peak_memory_delta(step: Callable[[], None], device: torch.device) -> Optiona
     return torch.cuda.max_memory_allocated() - before
 
 
+def output_and_input_grad(layer: torch.nn.Module, x: torch.Tensor,
+                          grad: torch.Tensor) -> torch.Tensor:
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    out, _ = layer(x)
+    out.backward(grad)
+    return torch.cat([out.detach().flatten(), x.grad.flatten()]).float()
+
+
+def kernel_differences(layers: dict[str, torch.nn.Module], x: torch.Tensor, grad: torch.Tensor,
+                       kernels: tuple[str, ...]) -> dict[str, float]:
+    """Per kernel: max |difference| of the layer output and input gradient from the torch
+    kernel's, over max |torch value| (a check that the timed kernels compute the same thing)."""
+    ref = output_and_input_grad(layers[variant_name("torch")], x, grad)
+    scale = ref.abs().max().clamp(min=1e-30)
+    return {kernel: ((output_and_input_grad(layers[variant_name(kernel)], x, grad) - ref)
+                     .abs().max() / scale).item() for kernel in kernels}
+
+
 def bench_layer(size: LayerSize, plan: Plan, device: torch.device) -> dict:
     """Median fwd+bwd seconds and peak memory of the layer without and with the losses."""
-    layers = build_layer_pair(size, plan.dtype, device)
+    layers = build_layer_pair(size, plan.dtype, device, kernels=plan.kernels)
     x, grad = layer_inputs(size, plan.dtype, device)
     steps = {name: functools.partial(layer_step, layer, x, grad) for name, layer in layers.items()}
     times = median_times(steps, device, plan.reps, plan.warmup)
     for layer in layers.values():
         layer.zero_grad(set_to_none=True)
     memory = {name: peak_memory_delta(step, device) for name, step in steps.items()}
-    row = {"size": size, "time": times, "memory": memory,
-           "overhead": times["with"] / times["without"] - 1,
-           "expert_s": expert_gemm_estimate(size, plan.dtype, device, plan.reps)}
-    log(f"[2] {size.label()}: {times} overhead {row['overhead']:+.1%}")
+    overhead = {kernel: times[variant_name(kernel)] / times["without"] - 1
+                for kernel in plan.kernels}
+    row = {"size": size, "time": times, "memory": memory, "overhead": overhead,
+           "expert_s": expert_gemm_estimate(size, plan.dtype, device, plan.reps),
+           "differences": kernel_differences(layers, x, grad, plan.kernels)}
+    log(f"[2] {size.label()}: {times} overhead {overhead}")
     del layers, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -406,6 +457,55 @@ def bench_loss_scaling(plan: Plan, device: torch.device) -> list[dict]:
         rows.append({"size": size, "loss_s": loss_s, "expert_s": expert_s})
         log(f"[3] {size.label()}: losses {loss_s * 1e3:.2f} ms, experts ~{expert_s * 1e3:.2f} ms")
     return rows
+
+
+# --- part 5: L_o in the combine tail, per kernel ------------------------------------------------
+
+
+def tail_inputs(size: LayerSize, dtype: torch.dtype, device: torch.device):
+    """What the combine tail holds: [T*k, H] unweighted rows in a shuffled (permuted) order,
+    their [T*k] gates, the token slot map, and the output gradient."""
+    gen = torch.Generator(device).manual_seed(SEED)
+    num_rows = size.tokens * size.topk
+    row_to_token = torch.arange(size.tokens, device=device).repeat_interleave(size.topk)
+    row_to_token = row_to_token[torch.randperm(num_rows, generator=gen, device=device)]
+    slots = token_slot_rows(row_to_token, size.tokens, size.topk)
+    rows = torch.randn(num_rows, size.hidden, generator=gen, device=device).to(dtype)
+    gates = torch.rand(num_rows, generator=gen, device=device)
+    grad = torch.randn(num_rows, size.hidden, generator=gen, device=device).to(dtype)
+    return rows.requires_grad_(True), gates.requires_grad_(True), slots, grad
+
+
+def tail_step(rows: torch.Tensor, gates: torch.Tensor, slots, grad: torch.Tensor,
+              kernel: Optional[str]) -> None:
+    """Gates (kernel None), or gates + Gram + span L_o (beta = LOSS_COEFF), forward+backward."""
+    rows.grad = gates.grad = None
+    if kernel is None:
+        apply_gates(rows, gates).backward(grad)
+        return
+    gated, gram = gated_gram(rows, gates, slots, kernel=kernel)
+    loss = LOSS_COEFF * projection_norms(gram).mean()
+    torch.autograd.backward([gated, loss], [grad, None])
+
+
+def bench_tail(size: LayerSize, plan: Plan, device: torch.device, expert_s: float) -> dict:
+    """Part 5: median fwd+bwd of the combine tail without and with L_o, per kernel."""
+    rows, gates, slots, grad = tail_inputs(size, plan.dtype, device)
+    steps = {"gates": functools.partial(tail_step, rows, gates, slots, grad, None)}
+    for kernel in plan.kernels:
+        steps[kernel] = functools.partial(tail_step, rows, gates, slots, grad, kernel)
+    times = median_times(steps, device, plan.reps, plan.warmup)
+    memory = {}
+    for name, step in steps.items():
+        rows.grad = gates.grad = None
+        memory[name] = peak_memory_delta(step, device)
+    # Least traffic of the tail: forward reads the rows and writes the gated rows, backward
+    # reads the rows and the output gradient and writes the rows' gradient.
+    traffic = 5 * rows.numel() * rows.element_size()
+    row = {"size": size, "time": times, "memory": memory, "expert_s": expert_s,
+           "traffic": traffic}
+    log(f"[5] {size.label()}: {times}")
+    return row
 
 
 # --- part 4: collectives -----------------------------------------------------------------------
@@ -587,24 +687,39 @@ def losses_section(rows: list[dict]) -> list[str]:
                     "vectorized fwd+bwd", "speedup", "rel. diff"], body), ""]
 
 
-def layer_rows(rows: list[dict]) -> list[list[str]]:
-    out = []
+def size_cells(s: LayerSize) -> list[str]:
+    return [str(s.hidden), str(s.ffn), str(s.experts), str(s.topk), str(s.tokens)]
+
+
+def mib_delta(memory: dict, name: str, base: str) -> str:
+    return fmt_mib(None if memory[base] is None else memory[name] - memory[base])
+
+
+def layer_table(rows: list[dict], kernels: tuple[str, ...]) -> list[str]:
+    """Part 2 table: time, overhead and peak-memory increase per L_o kernel."""
+    header = ["H", "F", "E", "k", "T", "expert GEMMs ms", "without ms"]
+    for kernel in kernels:
+        tag = "" if kernels == ("torch",) else f" ({kernel})"
+        header += [f"with{tag} ms", f"overhead{tag}"]
+    header += ["peak MiB without"] + [
+        "delta MiB" if kernels == ("torch",) else f"delta MiB ({kernel})" for kernel in kernels]
+    others = [kernel for kernel in kernels if kernel != "torch"]
+    header += [f"{kernel} vs torch, rel. diff" for kernel in others]
+    body = []
     for r in rows:
-        s, t, m = r["size"], r["time"], r["memory"]
-        mem_delta = None if m["without"] is None else m["with"] - m["without"]
-        out.append([str(s.hidden), str(s.ffn), str(s.experts), str(s.topk), str(s.tokens),
-                    f"{r['expert_s'] * 1e3:.2f}", f"{t['without'] * 1e3:.2f}",
-                    f"{t['with'] * 1e3:.2f}",
-                    f"{r['overhead']:+.1%}", fmt_mib(m["without"]), fmt_mib(m["with"]),
-                    fmt_mib(mem_delta)])
-    return out
+        t, m = r["time"], r["memory"]
+        cells = size_cells(r["size"]) + [f"{r['expert_s'] * 1e3:.2f}",
+                                         f"{t['without'] * 1e3:.2f}"]
+        for kernel in kernels:
+            cells += [f"{t[variant_name(kernel)] * 1e3:.2f}", f"{r['overhead'][kernel]:+.1%}"]
+        cells += [fmt_mib(m["without"])]
+        cells += [mib_delta(m, variant_name(kernel), "without") for kernel in kernels]
+        cells += [f"{r['differences'][kernel]:.1e}" for kernel in others]
+        body.append(cells)
+    return table(header, body)
 
 
-LAYER_HEADER = ["H", "F", "E", "k", "T", "expert GEMMs ms", "without ms", "with ms",
-                "overhead", "peak MiB without", "peak MiB with", "delta MiB"]
-
-
-def layer_section(rows: list[dict], device: torch.device) -> list[str]:
+def layer_section(rows: list[dict], device: torch.device, kernels: tuple[str, ...]) -> list[str]:
     memory_note = ("Peak memory: `torch.cuda.max_memory_allocated` during one fwd+bwd, above "
                    "what was allocated before it." if device.type == "cuda" else
                    "Peak memory: n/a on CPU (torch's CPU allocator has no peak statistics).")
@@ -612,16 +727,16 @@ def layer_section(rows: list[dict], device: torch.device) -> list[str]:
             "`SpecializationMoELayer` from `get_gpt_layer_spec` (local spec: SequentialMLP "
             "SwiGLU experts, no Transformer Engine), alltoall dispatcher, dropless, "
             f"aux_loss {LOSS_COEFF:g} in both; 'with': beta = gamma = {LOSS_COEFF:g}, L_o form "
-            "span. Same weights, input [S, B=2, H] and output gradient; 'without' is exactly "
+            f"span, L_o kernel {' / '.join(kernels)}. Same weights, input [S, B=2, H] and output gradient; 'without' is exactly "
             "megatron-core's MoELayer path. 'expert GEMMs' is the estimate of part 3: where the "
             "layer takes much longer, it is bound by per-expert kernel launches (SequentialMLP "
             f"loops over the experts) and hides part of the losses' device time. {memory_note}",
             "",
-            *table(LAYER_HEADER, layer_rows(rows)), ""]
+            *layer_table(rows, kernels), ""]
 
 
 def scaling_section(loss_rows: list[dict], sweep_rows: list[dict], plot: Optional[str],
-                    plot_note: str) -> list[str]:
+                    plot_note: str, kernels: tuple[str, ...]) -> list[str]:
     body = [[str(r["size"].tokens), str(r["size"].topk), str(r["size"].hidden),
              f"{r['loss_s'] * 1e3:.3f}", f"{r['expert_s'] * 1e3:.3f}",
              f"{r['loss_s'] / r['expert_s']:.1%}"] for r in loss_rows]
@@ -636,9 +751,43 @@ def scaling_section(loss_rows: list[dict], sweep_rows: list[dict], plot: Optiona
              "work (the float64 solves of the span form), not by flops.", "",
              *table(["T", "k", "H", "losses ms", "expert GEMMs ms", "losses / experts"], body),
              "", "Layer overhead at other k (same layer as part 2):", "",
-             *table(LAYER_HEADER, layer_rows(sweep_rows)), ""]
+             *layer_table(sweep_rows, kernels), ""]
     lines += [f"![scaling]({plot})" if plot else plot_note, ""]
     return lines
+
+
+def tail_section(rows: list[dict], device: torch.device, kernels: tuple[str, ...]) -> list[str]:
+    header = ["H", "F", "E", "k", "T", "expert GEMMs ms", "gates ms", "gates GB/s"]
+    for kernel in kernels:
+        header += [f"+ L_o {kernel} ms", f"marginal {kernel} ms", f"{kernel} / expert GEMMs",
+                   f"{kernel} GB/s"]
+    if device.type == "cuda":
+        header += [f"peak MiB delta ({kernel})" for kernel in kernels]
+    body = []
+    for r in rows:
+        t = r["time"]
+        cells = size_cells(r["size"]) + [f"{r['expert_s'] * 1e3:.2f}", f"{t['gates'] * 1e3:.3f}",
+                                         f"{r['traffic'] / t['gates'] / 1e9:,.0f}"]
+        for kernel in kernels:
+            marginal = t[kernel] - t["gates"]
+            cells += [f"{t[kernel] * 1e3:.3f}", f"{marginal * 1e3:.3f}",
+                      f"{marginal / r['expert_s']:.1%}",
+                      f"{r['traffic'] / t[kernel] / 1e9:,.0f}"]
+        if device.type == "cuda":
+            cells += [mib_delta(r["memory"], kernel, "gates") for kernel in kernels]
+        body.append(cells)
+    return ["## 5. Marginal cost of L_o in the combine tail, per kernel", "",
+            "What L_o adds where the layer computes it, independent of how the experts run: the "
+            "combined rows [T*k, H] in permuted order (dropless), fwd+bwd of the gates alone "
+            "(megatron-core's work there) against gates + Gram matrices + span L_o (beta = "
+            f"{LOSS_COEFF:g}). 'torch': regroup to [T, k, H] and batched products; 'triton': the "
+            "fused kernel of `megatron_patch/moe/triton_gated_gram.py`, one pass over the rows "
+            "in forward and one in backward. The marginal time is set against the expert GEMM "
+            "estimate of part 3 (what grouped-GEMM experts cost at least). GB/s: the least "
+            "traffic of the tail (read the rows, write the gated rows; read the rows and the "
+            "output gradient, write the rows' gradient: 5 x T*k*H elements) over the time, to "
+            "set against the device's memory bandwidth.", "",
+            *table(header, body), ""]
 
 
 def collectives_section(counts: Optional[dict]) -> list[str]:
@@ -697,7 +846,7 @@ def write_plot(path: Path, loss_rows: list[dict], layer_results: list[dict],
     for ax, attr, xlabel in zip(axes, ("tokens", "topk", "hidden"), ("T", "k", "H")):
         ratio = along(loss_rows, loss_base, attr, lambda r: 100 * r["loss_s"] / r["expert_s"])
         ax.plot(*zip(*ratio), "o-", label="losses / expert GEMMs")
-        overhead = along(layer_results, layer_base, attr, lambda r: 100 * r["overhead"])
+        overhead = along(layer_results, layer_base, attr, lambda r: 100 * r["overhead"]["torch"])
         if len(overhead) > 1:
             ax.plot(*zip(*overhead), "s--", label="layer overhead")
         ax.set_xscale("log", base=2)
@@ -733,6 +882,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    parser.add_argument("--kernels", type=lambda text: tuple(text.split(",")), default=None,
+                        help="comma-separated L_o kernels to measure, from "
+                        f"{', '.join(GRAM_KERNELS)} (default: torch,triton on GPU when triton is "
+                        "installed, torch on CPU)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md",
                         help="index file; the device report and plot are written beside it as "
                         "<stem>_<device>.md / .png")
@@ -750,17 +903,37 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda", 0) if choice == "cuda" else torch.device("cpu")
 
 
+def resolve_kernels(choice: Optional[tuple[str, ...]], device: torch.device) -> tuple[str, ...]:
+    from megatron_patch.moe.gated_gram import triton_kernel_problem
+
+    if choice is None:
+        with_triton = device.type == "cuda" and triton_kernel_problem() is None
+        return ("torch", "triton") if with_triton else ("torch",)
+    unknown = [kernel for kernel in choice if kernel not in GRAM_KERNELS]
+    if unknown or not choice:
+        raise SystemExit(f"--kernels: choose from {', '.join(GRAM_KERNELS)}, got {choice}")
+    if "triton" in choice:
+        problem = triton_kernel_problem()
+        if problem:
+            raise SystemExit(f"--kernels triton: {problem}")
+        if device.type == "cpu":
+            log("--kernels triton on CPU times Triton's interpreter: not a measurement")
+    return choice
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     device = resolve_device(args.device)
-    plan = make_plan(device, args.quick)
+    plan = make_plan(device, args.quick, resolve_kernels(args.kernels, device))
     start, load_at_start = time.perf_counter(), os.getloadavg()[0]
     init_megatron(device)
     loss_rows = bench_losses(plan, device)
     layer_results = [bench_layer(size, plan, device) for size in plan.layer_sizes]
     sweep_layers = [bench_layer(size, plan, device) for size in plan.layer_sweep]
     scaling = bench_loss_scaling(plan, device)
+    tails = [bench_tail(r["size"], plan, device, r["expert_s"])
+             for r in layer_results + sweep_layers]
     shutdown_megatron()
     counts = bench_collectives() if device.type == "cpu" else None
 
@@ -771,9 +944,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  layer_results + sweep_layers, device_name(device))
     elapsed = time.perf_counter() - start
     lines = [*machine_section(device, plan, argv, load_at_start), *losses_section(loss_rows),
-             *layer_section(layer_results, device),
-             *scaling_section(scaling, sweep_layers, plot, plot_note),
-             *collectives_section(counts), f"Total run time: {elapsed:.0f} s.", ""]
+             *layer_section(layer_results, device, plan.kernels),
+             *scaling_section(scaling, sweep_layers, plot, plot_note, plan.kernels),
+             *collectives_section(counts), *tail_section(tails, device, plan.kernels),
+             f"Total run time: {elapsed:.0f} s.", ""]
     markdown = "\n".join(lines)
     (out_dir / f"{stem}.md").write_text(markdown)
     write_index(args.output)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared single-GPU check: unit tests, a bf16 training smoke run and the loss benchmark.
+# The prepared single-GPU check: unit tests (the fused Triton L_o kernel compiled on CUDA), a bf16
+# training smoke run and the loss benchmark (torch and triton L_o kernels side by side).
 # BENCH=0 skips the benchmark. Run from the repository root on a GPU machine whose Python lacks megatron-core: WHEELS points
 # at a folder of wheels to install first (megatron-core 0.16.1 for that Python). Results go to
 # OUT (default ./gpu_results).
@@ -19,12 +20,13 @@ export PYTHONUNBUFFERED=1
     python3 -c "import sys, torch, megatron.core as m; print(sys.version.split()[0], torch.__version__, m.__version__)"
 } 2>&1 | tee "$OUT/device.txt"
 
-timeout 180 python3 -m pytest -q -p no:warnings tests/test_losses.py tests/test_grouping.py \
+timeout 180 python3 -m pytest -q -p no:warnings tests/test_losses.py tests/test_grouping.py tests/test_gated_gram.py \
     tests/test_moe_layer.py 2>&1 | tail -5 | tee "$OUT/pytest.txt"
 
 timeout 240 python3 -m megatron_patch.training.pretrain \
     --config examples/pretrain/configs/tiny_cpu.yaml --expert-model-parallel-size 1 \
-    --bf16 --use-distributed-optimizer --train-iters 40 --eval-interval 40 \
+    --bf16 --use-distributed-optimizer --moe-ortho-loss-kernel triton \
+    --train-iters 40 --eval-interval 40 \
     --data-path data/corpus_train --valid-data-path data/corpus_valid \
     --tokenizer-model data/tokenizer.model --save /tmp/gpu_run --no-progress-bar 2>&1 \
     | grep -v -i "warn" | tail -25 | tee "$OUT/train.txt"

@@ -1,12 +1,19 @@
-"""Shared fixtures; also puts the repository root on sys.path so tests run from a plain checkout."""
+"""Shared fixtures; also puts the repository root on sys.path so tests run from a plain checkout.
 
+Without a GPU, Triton kernels run under Triton's interpreter (set before triton is imported).
+"""
+
+import os
 import socket
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _free_port() -> int:

@@ -88,6 +88,16 @@ def test_strong_specialization_losses_match_single_device(
     _assert_consistent(_run(parse_layout(spec), STRONG_LOSSES), strong_baseline)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo CPU run; tests/test_gated_gram.py on CUDA")
+def test_fused_triton_kernel_under_tp_ep_sp_matches_single_device_torch(
+    strong_baseline: Result,
+) -> None:
+    """The fused gates + Gram kernel (Triton's interpreter on CPU) under TP2 x EP2 with SP: the
+    same losses and gradients as the torch kernel in one process."""
+    fused = {**STRONG_LOSSES, "moe_ortho_loss_kernel": "triton"}
+    _assert_consistent(_run(parse_layout("tp2ep2etp1sp"), fused), strong_baseline)
+
+
 def test_compare_flags_perturbed_gradient(baseline: Result) -> None:
     name = next(iter(baseline.grads))
     grads = dict(baseline.grads)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_patch.training.arguments import ArgumentError, parse_args, validate_args
 
@@ -170,7 +171,7 @@ def test_tokenizer_smaller_than_data_vocab_is_refused(tiny_data, tmp_path):
     assert "vocab" in proc.stderr.lower()
 
 
-def test_flag_validation_without_processes(tmp_path):
+def test_flag_validation_without_processes(tmp_path, monkeypatch):
     args = parse_args(["--data-path", "x", "--tokenizer-model", "t", "--num-experts", "6",
                        "--expert-model-parallel-size", "4"])
     with pytest.raises(ArgumentError, match="not divisible by --expert-model-parallel-size"):
@@ -191,6 +192,10 @@ def test_flag_validation_without_processes(tmp_path):
     ):
         with pytest.raises(ArgumentError, match=message):
             validate_args(parse_args(minimal + extra), world_size=1)
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ArgumentError, match="needs a CUDA GPU"):
+            validate_args(parse_args(minimal + ["--moe-ortho-loss-kernel", "triton"]), world_size=1)
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("num_layerz: 3\n")
     with pytest.raises(ArgumentError, match="unknown key 'num_layerz'"):

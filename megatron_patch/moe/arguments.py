@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from megatron_patch.moe.config import AUTO, Coefficient
+from megatron_patch.moe.gated_gram import GRAM_KERNELS
 from megatron_patch.moe.losses import ORTHO_FORMS
 
 
@@ -42,6 +43,12 @@ def add_specialization_args(parser: argparse.ArgumentParser) -> argparse.Argumen
         help="with --moe-ortho-loss-coeff auto: beta = 10^round(log10(target / L_o)).",
     )
     group.add_argument(
+        "--moe-ortho-loss-kernel", choices=GRAM_KERNELS, default="torch",
+        help="how the gates and the per-token Gram matrices of L_o are computed: 'torch' "
+        "(regroup the rows by token, batched products) or 'triton' (one fused pass over the "
+        "combined rows in forward and in backward; CUDA, Triton installed, no capacity padding).",
+    )
+    group.add_argument(
         "--moe-var-loss-coeff", type=_coefficient, default=0.0,
         help="gamma, coefficient of the variance loss L_v = -mean Var(routing scores); 0 "
         "disables it, 'auto' calibrates it on the first global batch.",
@@ -67,6 +74,7 @@ def specialization_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "moe_ortho_loss_form": args.moe_ortho_loss_form,
         "moe_ortho_loss_eps": args.moe_ortho_loss_eps,
         "moe_ortho_loss_target": args.moe_ortho_loss_target,
+        "moe_ortho_loss_kernel": args.moe_ortho_loss_kernel,
         "moe_var_loss_coeff": args.moe_var_loss_coeff,
         "moe_var_loss_target": args.moe_var_loss_target,
     }

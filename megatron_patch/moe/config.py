@@ -9,6 +9,7 @@ moe_ortho_loss_coeff       --moe-ortho-loss-coeff           beta >= 0, or "auto"
 moe_ortho_loss_form        --moe-ortho-loss-form            "span" (released code) | "pairwise"
 moe_ortho_loss_eps         --moe-ortho-loss-eps             regularizer of the Gram solves
 moe_ortho_loss_target      --moe-ortho-loss-target          magnitude "auto" calibrates beta*L_o to
+moe_ortho_loss_kernel      --moe-ortho-loss-kernel          "torch" | "triton" (fused, CUDA)
 moe_var_loss_coeff         --moe-var-loss-coeff             gamma >= 0, or "auto" (calibrated)
 moe_var_loss_target        --moe-var-loss-target            magnitude "auto" calibrates gamma*|L_v| to
 =========================  ===============================  =====================================
@@ -22,6 +23,7 @@ from typing import Union
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_patch.moe.gated_gram import GRAM_KERNELS
 from megatron_patch.moe.losses import ORTHO_FORMS
 
 AUTO = "auto"
@@ -58,6 +60,7 @@ class SpecializationConfig(TransformerConfig):
     moe_ortho_loss_form: str = "span"
     moe_ortho_loss_eps: float = 1e-6
     moe_ortho_loss_target: float = 1e-4
+    moe_ortho_loss_kernel: str = "torch"
     moe_var_loss_coeff: Coefficient = 0.0
     moe_var_loss_target: float = 1e-3
 
@@ -81,6 +84,11 @@ class SpecializationConfig(TransformerConfig):
             raise SpecializationConfigError(
                 f"--moe-ortho-loss-form must be one of {', '.join(ORTHO_FORMS)}, "
                 f"got {self.moe_ortho_loss_form!r}."
+            )
+        if self.moe_ortho_loss_kernel not in GRAM_KERNELS:
+            raise SpecializationConfigError(
+                f"--moe-ortho-loss-kernel must be one of {', '.join(GRAM_KERNELS)}, "
+                f"got {self.moe_ortho_loss_kernel!r}."
             )
         if not self.moe_ortho_loss_eps > 0:
             raise SpecializationConfigError(
@@ -145,6 +153,13 @@ class SpecializationConfig(TransformerConfig):
                     "combined expert outputs by token with the unfused permutation map. Remove "
                     f"{flag} or set --moe-ortho-loss-coeff 0."
                 )
+        if self.moe_ortho_loss_kernel == "triton" and self.moe_pad_expert_input_to_capacity:
+            raise SpecializationConfigError(
+                "--moe-ortho-loss-kernel triton does not support "
+                "--moe-pad-expert-input-to-capacity: the fused kernel writes only the rows that "
+                "are a token's slots, not the capacity padding rows. Use --moe-ortho-loss-kernel "
+                "torch."
+            )
         if self.cuda_graph_impl != "none":
             raise SpecializationConfigError(
                 "--moe-ortho-loss-coeff does not support CUDA graphs (--cuda-graph-impl "

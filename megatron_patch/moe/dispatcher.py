@@ -15,7 +15,8 @@ import torch
 from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from megatron_patch.moe.grouping import group_rows_by_token
+from megatron_patch.moe.gated_gram import apply_gates
+from megatron_patch.moe.grouping import TokenSlots, token_slot_rows
 
 
 class UnweightedCombineAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
@@ -23,7 +24,8 @@ class UnweightedCombineAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
 
     Between ``token_combine`` and ``combine_postprocess`` the caller holds, on the rank that owns
     the tokens, one row per (token, routed expert) in this rank's permuted order. It may read
-    them grouped by token with ``group_by_token`` and must weight them with ``apply_gates``.
+    them by token through ``token_slots`` and must weight them with their gates
+    (``apply_gates``, or ``megatron_patch.moe.gated_gram.gated_gram`` with ``local_permuted_probs``).
     """
 
     def dispatch_preprocess(
@@ -53,15 +55,10 @@ class UnweightedCombineAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
 
     def apply_gates(self, rows: torch.Tensor) -> torch.Tensor:
         """Multiply the combined rows [N, H] by their gate probabilities (owner rank)."""
-        gates = self.local_permuted_probs.unsqueeze(-1)
-        return (rows * gates).to(rows.dtype)
+        return apply_gates(rows, self.local_permuted_probs)
 
-    def group_by_token(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Regroup the combined rows [N, H] into [T_local, k, H] by owning token.
-
-        Returns:
-            (grouped [T_local, k, H], filled [T_local, k] bool: the slots holding a real row).
-        """
+    def token_slots(self) -> TokenSlots:
+        """Which of the combined rows [N, H] are each owned token's k slots ([T_local, k])."""
         row_to_token = self.reversed_local_input_permutation_mapping
         num_tokens = self.hidden_shape_before_permute[0]
         valid = None
@@ -70,6 +67,4 @@ class UnweightedCombineAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
             # filling up with tokens that did not select the expert; megatron gives those
             # pairs gate 0 (so they add nothing to the output). They are not slots of L_o.
             valid = self.local_permuted_probs > 0
-        return group_rows_by_token(
-            rows, row_to_token, num_tokens, self.config.moe_router_topk, valid=valid
-        )
+        return token_slot_rows(row_to_token, num_tokens, self.config.moe_router_topk, valid=valid)

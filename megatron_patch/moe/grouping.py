@@ -1,10 +1,81 @@
-"""Regroup combined expert-output rows by token: the [T, k, H] layout the orthogonality loss needs."""
+"""Which combined expert-output rows belong to which token: the [T, k] slot map L_o reads them by."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+
+@dataclass
+class TokenSlots:
+    """Where each token's expert-output rows are.
+
+    rows: [T, k] int64; token t's row indices in slots 0..n_t-1, in the rows' original relative
+        order, and -1 in the remaining slots (a token that lost experts to capacity dropping).
+    filled: [T, k] bool, the slots that hold a row (``rows >= 0``).
+    dense: every slot is filled (dropless routing), known without a device sync.
+    covers_all_rows: every row is in a slot (no ``valid`` mask left capacity padding out).
+    """
+
+    rows: torch.Tensor
+    filled: torch.Tensor
+    dense: bool
+    covers_all_rows: bool
+
+
+def token_slot_rows(
+    row_to_token: torch.Tensor,
+    num_tokens: int,
+    topk: int,
+    valid: Optional[torch.Tensor] = None,
+) -> TokenSlots:
+    """Assign each token's rows to its k slots.
+
+    Args:
+        row_to_token: [N] int64, the token each row belongs to (rows in any order, e.g. the
+            dispatcher's permuted order).
+        num_tokens: T, number of tokens owned by this rank.
+        topk: k, the maximum number of rows per token.
+        valid: optional [N] bool; False marks padding rows (capacity padding) to leave out.
+
+    Returns:
+        The slot map; ``dense`` when there are exactly k rows per token and no ``valid`` mask.
+    """
+    num_rows = row_to_token.shape[0]
+    device = row_to_token.device
+    if valid is None and num_rows == num_tokens * topk:
+        # Dropless routing: every token has exactly k rows.
+        slot_rows = torch.argsort(row_to_token, stable=True).view(num_tokens, topk)
+        filled = torch.ones(num_tokens, topk, dtype=torch.bool, device=device)
+        return TokenSlots(slot_rows, filled, dense=True, covers_all_rows=True)
+    row_ids = torch.arange(num_rows, device=device)
+    if valid is not None:
+        row_ids = row_ids[valid]
+        row_to_token = row_to_token[valid]
+    order = torch.argsort(row_to_token, stable=True)
+    sorted_tokens = row_to_token.index_select(0, order)
+    counts = torch.bincount(sorted_tokens, minlength=num_tokens)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(order.shape[0], device=device) - starts.index_select(0, sorted_tokens)
+    slot_rows = torch.full((num_tokens, topk), -1, dtype=torch.int64, device=device)
+    slot_rows[sorted_tokens, slots] = row_ids.index_select(0, order)
+    return TokenSlots(slot_rows, slot_rows >= 0, dense=False, covers_all_rows=valid is None)
+
+
+def gather_slots(rows: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
+    """[N, H] rows -> [T, k, H] by slot, zero rows in empty slots (differentiable).
+
+    Args:
+        rows: [N, H] expert outputs.
+        slots: from ``token_slot_rows``.
+    """
+    num_tokens, topk = slots.rows.shape
+    if slots.dense:
+        return rows.index_select(0, slots.rows.reshape(-1)).view(num_tokens, topk, -1)
+    grouped = rows.new_zeros(num_tokens, topk, rows.shape[1])
+    return grouped.index_put((slots.filled,), rows.index_select(0, slots.rows[slots.filled]))
 
 
 def group_rows_by_token(
@@ -17,32 +88,13 @@ def group_rows_by_token(
     """Gather each token's expert-output rows into k slots.
 
     Args:
-        rows: [N, H] expert outputs in any row order (the dispatcher's permuted order).
-        row_to_token: [N] int64, the token each row belongs to.
-        num_tokens: T, number of tokens owned by this rank.
-        topk: k, the maximum number of rows per token.
-        valid: optional [N] bool; False marks padding rows (capacity padding) to leave out.
+        rows: [N, H] expert outputs in any row order.
+        row_to_token, num_tokens, topk, valid: as in ``token_slot_rows``.
 
     Returns:
         grouped: [T, k, H]; token t's rows in slots 0..n_t-1 in their original relative order,
-            zero rows in the remaining slots (a token that lost experts to capacity dropping).
+            zero rows in the remaining slots.
         filled: [T, k] bool, the slots that hold a row.
     """
-    if valid is not None:
-        rows = rows[valid]
-        row_to_token = row_to_token[valid]
-    num_rows, hidden = rows.shape
-    order = torch.argsort(row_to_token, stable=True)
-    if valid is None and num_rows == num_tokens * topk:
-        # Dropless routing: every token has exactly k rows.
-        filled = torch.ones(num_tokens, topk, dtype=torch.bool, device=rows.device)
-        return rows.index_select(0, order).view(num_tokens, topk, hidden), filled
-    sorted_tokens = row_to_token.index_select(0, order)
-    counts = torch.bincount(sorted_tokens, minlength=num_tokens)
-    starts = torch.cumsum(counts, 0) - counts
-    slots = torch.arange(num_rows, device=rows.device) - starts.index_select(0, sorted_tokens)
-    grouped = rows.new_zeros(num_tokens, topk, hidden)
-    grouped = grouped.index_put((sorted_tokens, slots), rows.index_select(0, order))
-    filled = torch.zeros(num_tokens, topk, dtype=torch.bool, device=rows.device)
-    filled[sorted_tokens, slots] = True
-    return grouped, filled
+    slots = token_slot_rows(row_to_token, num_tokens, topk, valid)
+    return gather_slots(rows, slots), slots.filled

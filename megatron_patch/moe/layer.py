@@ -18,17 +18,19 @@ from megatron_patch.moe.coefficients import (
 )
 from megatron_patch.moe.config import SpecializationConfig
 from megatron_patch.moe.dispatcher import UnweightedCombineAlltoAllDispatcher
-from megatron_patch.moe.losses import orthogonality_loss_per_slot
+from megatron_patch.moe.gated_gram import gated_gram
+from megatron_patch.moe.losses import projection_norms
 
 
 class SpecializationMoELayer(MoELayer):
     """megatron-core's MoELayer plus ``beta * L_o``.
 
     With L_o enabled the alltoall dispatcher is replaced by ``UnweightedCombineAlltoAllDispatcher``:
-    after the combine all-to-all the owner rank holds each token's k unweighted expert outputs,
-    regroups them into [T_local, k, H], computes the per-slot penalties, attaches
-    ``beta * sum / count`` (count summed over TP x CP) to the rows with ``MoEAuxLossAutoScaler``,
-    and only then applies the gates. The loss therefore trains the experts (and the layers below
+    after the combine all-to-all the owner rank holds each token's k unweighted expert outputs;
+    it applies the gates and takes each token's Gram matrix of them in one call
+    (``megatron_patch.moe.gated_gram``, torch or a fused Triton kernel), computes the per-slot
+    penalties and attaches ``beta * sum / count`` (count summed over TP x CP) to the gated rows
+    with ``MoEAuxLossAutoScaler``. The loss therefore trains the experts (and the layers below
     them) and has no gradient path into the router. With L_o disabled this is exactly MoELayer.
     """
 
@@ -74,7 +76,7 @@ class SpecializationMoELayer(MoELayer):
         return is_recording_only() or (self.training and torch.is_grad_enabled())
 
     def combine(self, output: torch.Tensor) -> torch.Tensor:
-        """Combine all-to-all, then L_o on the unweighted rows, then the gates.
+        """Combine all-to-all, then the gates, with L_o on the unweighted rows.
 
         Args:
             output: [N_expert_rows, H] expert outputs on the expert rank.
@@ -86,19 +88,26 @@ class SpecializationMoELayer(MoELayer):
         if not self.config.ortho_loss_enabled:
             return rows
         if self._ortho_loss_active():
-            rows = self._attach_ortho_loss(rows)
+            return self._gates_with_ortho_loss(rows)
         return self.token_dispatcher.apply_gates(rows)
 
-    def _attach_ortho_loss(self, rows: torch.Tensor) -> torch.Tensor:
+    def _gates_with_ortho_loss(self, rows: torch.Tensor) -> torch.Tensor:
         attach = not is_recording_only()
         if attach and not self._coeff_checked:
             check_calibrated(self.ortho_loss_coeff, "--moe-ortho-loss-coeff")
             self._coeff_checked = True
-        grouped, filled = self.token_dispatcher.group_by_token(rows)
-        per_slot = orthogonality_loss_per_slot(
-            grouped, form=self.config.moe_ortho_loss_form, eps=self.config.moe_ortho_loss_eps
+        slots = self.token_dispatcher.token_slots()
+        gated, gram = gated_gram(
+            rows,
+            self.token_dispatcher.local_permuted_probs,
+            slots,
+            kernel=self.config.moe_ortho_loss_kernel,
         )
-        local_tokens = grouped.shape[0]
+        per_slot = projection_norms(
+            gram, form=self.config.moe_ortho_loss_form, eps=self.config.moe_ortho_loss_eps
+        )
+        filled = slots.filled
+        local_tokens = slots.rows.shape[0]
         padding = self._padding
         if padding is not None:
             # Padding tokens are routed and computed, but are not slots of L_o.
@@ -108,9 +117,9 @@ class SpecializationMoELayer(MoELayer):
             local_tokens = valid.sum()
         num_slots = filled.sum()
         uniform = self.config.moe_expert_capacity_factor is None and padding is None
-        count = global_count(num_slots, self.tp_cp_group, rows.device, uniform=uniform)
+        count = global_count(num_slots, self.tp_cp_group, gated.device, uniform=uniform)
         return attach_mean_loss(
-            rows,
+            gated,
             local_sum=per_slot.sum(),
             count=count,
             local_tokens=local_tokens,

@@ -133,9 +133,23 @@ def orthogonality_loss_per_slot(
         raise ValueError(
             f"expert_outputs must be [T, k, H], got shape {tuple(expert_outputs.shape)}"
         )
+    return projection_norms(gram_matrices(expert_outputs), form=form, eps=eps)
+
+
+def projection_norms(gram: torch.Tensor, *, form: OrthoForm = "span", eps: float = 1e-6) -> torch.Tensor:
+    """Per-slot orthogonality penalties from the per-token Gram matrices.
+
+    Args:
+        gram: [T, k, k] G_t = X_t X_t^T (``gram_matrices``, or the fused
+            ``megatron_patch.moe.gated_gram``).
+        form: ``"span"`` or ``"pairwise"``.
+        eps: regularizer (see module docstring).
+
+    Returns:
+        [T, k] per-slot values in the dtype of ``gram``.
+    """
     if form not in ORTHO_FORMS:
         raise ValueError(f"unknown orthogonality loss form {form!r}; choose one of {ORTHO_FORMS}")
-    gram = gram_matrices(expert_outputs)
     if form == "span":
         return span_projection_norms(gram, eps)
     return pairwise_projection_norms(gram, eps)

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import yaml
 
 from megatron_patch.moe.arguments import add_specialization_args
+from megatron_patch.moe.gated_gram import triton_kernel_problem
 from megatron_patch.optimizer.orthogonal import OrthogonalOptimizerConfig, OrthogonalOptimizerError
 
 
@@ -242,6 +243,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ArgumentError(
             "--moe-identical-expert-init supports SequentialMLP experts: drop --moe-grouped-gemm"
         )
+    if args.moe_ortho_loss_kernel == "triton" and (problem := triton_kernel_problem()):
+        raise ArgumentError(problem)
     if args.moe_loss_calibration_iters != 0:
         auto = "auto" in (args.moe_ortho_loss_coeff, args.moe_var_loss_coeff)
         if not auto or not 0 < args.moe_loss_calibration_iters < args.train_iters:

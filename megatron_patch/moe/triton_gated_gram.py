@@ -1,0 +1,160 @@
+"""Gates and per-token Gram matrices fused in Triton: L_o adds no pass over the expert outputs.
+
+Unfused, L_o reads the combined rows [N, H] twice more than megatron-core does (the regrouping
+copy into [T, k, H] and the Gram product) and, in backward, writes the regrouped gradient,
+scatters it back and adds it to the gates' gradient. Here the gate multiplication, which reads
+every row anyway, also accumulates each token's k x k Gram matrix, and the gates' backward, which
+reads every row and its output gradient and writes its gradient anyway, also adds
+``(dG + dG^T) X``. One program per token; the token's rows are gathered by the slot map, so
+no [T, k, H] copy is made and none is saved for backward. Products and sums run in float32.
+
+Import only where Triton is installed (CUDA PyTorch wheels bundle it). On CPU the kernels run
+under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_patch.moe.grouping import TokenSlots
+
+
+@triton.jit
+def _gated_gram_forward(
+    rows_ptr, gates_ptr, slot_rows_ptr, gated_ptr, gram_ptr, hidden,
+    TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.arange(0, SLOTS)
+    in_topk = slot < TOPK
+    row = tl.load(slot_rows_ptr + token * TOPK + slot, mask=in_topk, other=-1)
+    present = row >= 0
+    gate = tl.load(gates_ptr + row, mask=present, other=0.0).to(tl.float32)
+    row_start = row * hidden
+    gram = tl.zeros((SLOTS, SLOTS), dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_H):
+        col = start + tl.arange(0, BLOCK_H)
+        mask = present[:, None] & (col[None, :] < hidden)
+        offsets = row_start[:, None] + col[None, :]
+        x = tl.load(rows_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        gram += tl.sum(x[:, None, :] * x[None, :, :], axis=2)
+        gated = x * gate[:, None]
+        tl.store(gated_ptr + offsets, gated.to(gated_ptr.dtype.element_ty), mask=mask)
+    pair = token * TOPK * TOPK + slot[:, None] * TOPK + slot[None, :]
+    tl.store(gram_ptr + pair, gram, mask=in_topk[:, None] & in_topk[None, :])
+
+
+@triton.jit
+def _gated_gram_backward(
+    rows_ptr, gates_ptr, slot_rows_ptr, grad_gated_ptr, grad_gram_ptr, grad_rows_ptr,
+    grad_gates_ptr, hidden,
+    TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.arange(0, SLOTS)
+    in_topk = slot < TOPK
+    row = tl.load(slot_rows_ptr + token * TOPK + slot, mask=in_topk, other=-1)
+    present = row >= 0
+    gate = tl.load(gates_ptr + row, mask=present, other=0.0).to(tl.float32)
+    pair = token * TOPK * TOPK + slot[:, None] * TOPK + slot[None, :]
+    grad_gram = tl.load(
+        grad_gram_ptr + pair, mask=in_topk[:, None] & in_topk[None, :], other=0.0
+    ).to(tl.float32)
+    symmetric = grad_gram + tl.trans(grad_gram)
+    row_start = row * hidden
+    grad_gate = tl.zeros((SLOTS,), dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_H):
+        col = start + tl.arange(0, BLOCK_H)
+        mask = present[:, None] & (col[None, :] < hidden)
+        offsets = row_start[:, None] + col[None, :]
+        x = tl.load(rows_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad_out = tl.load(grad_gated_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad_x = grad_out * gate[:, None] + tl.sum(symmetric[:, :, None] * x[None, :, :], axis=1)
+        tl.store(grad_rows_ptr + offsets, grad_x.to(grad_rows_ptr.dtype.element_ty), mask=mask)
+        grad_gate += tl.sum(grad_out * x, axis=1)
+    tl.store(grad_gates_ptr + row, grad_gate, mask=present)
+
+
+def _launch_shape(topk: int, hidden: int) -> tuple[int, int]:
+    """(SLOTS, BLOCK_H): k padded to a power of two, and an H tile that keeps the
+    [SLOTS, SLOTS, BLOCK_H] float32 products of one program at 4096 values."""
+    slots = triton.next_power_of_2(topk)
+    block_h = min(max(4096 // (slots * slots), 16), 512, triton.next_power_of_2(hidden))
+    return slots, block_h
+
+
+def _check_inputs(rows: torch.Tensor, gates: torch.Tensor, slots: TokenSlots) -> None:
+    if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(
+            f"the Triton L_o kernel takes float32/bfloat16/float16 rows, got {rows.dtype}; "
+            "use --moe-ortho-loss-kernel torch."
+        )
+    if not rows.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "--moe-ortho-loss-kernel triton runs on CUDA tensors (or under TRITON_INTERPRET=1 "
+            "for testing); on CPU use --moe-ortho-loss-kernel torch."
+        )
+    if not slots.covers_all_rows:
+        raise ValueError(
+            "the Triton L_o kernel writes only rows that fill a token's slot; capacity padding "
+            "rows (--moe-pad-expert-input-to-capacity) need --moe-ortho-loss-kernel torch."
+        )
+    if slots.dense and rows.shape[0] != slots.rows.numel():
+        raise ValueError(
+            f"{rows.shape[0]} rows for {slots.rows.numel()} dense slots: the slot map does not "
+            "belong to these rows."
+        )
+    if gates.shape != rows.shape[:1]:
+        raise ValueError(f"gates must be [{rows.shape[0]}], got {tuple(gates.shape)}")
+
+
+class _GatedGram(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, gates: torch.Tensor, slot_rows: torch.Tensor):
+        num_tokens, topk = slot_rows.shape
+        hidden = rows.shape[1]
+        gated = torch.empty_like(rows)
+        gram = torch.empty(num_tokens, topk, topk, dtype=torch.float32, device=rows.device)
+        slots, block_h = _launch_shape(topk, hidden)
+        if num_tokens > 0:
+            _gated_gram_forward[(num_tokens,)](
+                rows, gates, slot_rows, gated, gram, hidden,
+                TOPK=topk, SLOTS=slots, BLOCK_H=block_h,
+            )
+        ctx.save_for_backward(rows, gates, slot_rows)
+        return gated, gram
+
+    @staticmethod
+    def backward(ctx, grad_gated, grad_gram):
+        rows, gates, slot_rows = ctx.saved_tensors
+        num_tokens, topk = slot_rows.shape
+        hidden = rows.shape[1]
+        grad_gated = torch.zeros_like(rows) if grad_gated is None else grad_gated.contiguous()
+        if grad_gram is None:
+            grad_gram = torch.zeros(num_tokens, topk, topk, dtype=torch.float32, device=rows.device)
+        grad_rows = torch.empty_like(rows)
+        grad_gates = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+        slots, block_h = _launch_shape(topk, hidden)
+        if num_tokens > 0:
+            _gated_gram_backward[(num_tokens,)](
+                rows, gates, slot_rows, grad_gated, grad_gram.contiguous(), grad_rows,
+                grad_gates, hidden,
+                TOPK=topk, SLOTS=slots, BLOCK_H=block_h,
+            )
+        return grad_rows, grad_gates.to(gates.dtype), None
+
+
+def triton_gated_gram(
+    rows: torch.Tensor, gates: torch.Tensor, slots: TokenSlots
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``megatron_patch.moe.gated_gram.gated_gram`` in one Triton pass (forward and backward).
+
+    Every row must fill exactly one slot (no capacity padding rows). Same arguments and results;
+    the Gram matrices are float32.
+    """
+    _check_inputs(rows, gates, slots)
+    return _GatedGram.apply(rows.contiguous(), gates.contiguous(), slots.rows.contiguous())

@@ -1,0 +1,108 @@
+"""Gates + per-token Gram matrices (torch and the fused Triton kernel) against explicit loops.
+
+Without a GPU the Triton kernel runs under Triton's interpreter (tests/conftest.py); with one, on
+CUDA tensors, compiled.
+"""
+
+import pytest
+import torch
+
+from megatron_patch.moe.config import SpecializationConfig, SpecializationConfigError
+from megatron_patch.moe.gated_gram import gated_gram
+from megatron_patch.moe.grouping import token_slot_rows
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def routed_rows(num_tokens, topk, hidden, dtype, drop_fraction=0.0, seed=0):
+    """Rows of T*k (token, expert) pairs in shuffled order, some dropped; [N] row -> token."""
+    gen = torch.Generator().manual_seed(seed)
+    row_to_token = torch.arange(num_tokens).repeat_interleave(topk)
+    row_to_token = row_to_token[torch.randperm(row_to_token.numel(), generator=gen)]
+    if drop_fraction:
+        row_to_token = row_to_token[torch.rand(row_to_token.numel(), generator=gen) > drop_fraction]
+    rows = torch.randn(row_to_token.numel(), hidden, generator=gen).to(dtype)
+    gates = torch.rand(row_to_token.numel(), generator=gen)
+    return rows.to(DEVICE), gates.to(DEVICE), row_to_token.to(DEVICE)
+
+
+def explicit_gated_gram(rows, gates, row_to_token, num_tokens, topk):
+    """float64 loops: gated rows, and per token the Gram matrix of its rows in row order."""
+    rows64, gates64 = rows.double(), gates.double()
+    gated = rows64 * gates64[:, None]
+    gram = torch.zeros(num_tokens, topk, topk, dtype=torch.float64, device=rows.device)
+    for token in range(num_tokens):
+        mine = rows64[(row_to_token == token).nonzero().flatten()]
+        n = mine.shape[0]
+        gram[token, :n, :n] = mine @ mine.T
+    return gated, gram
+
+
+def test_slot_map_indexes_the_full_rows_with_padding_left_out():
+    row_to_token = torch.tensor([0, 1, 2, 0, 2, 0])
+    valid = torch.tensor([True, True, True, True, True, False])
+    slots = token_slot_rows(row_to_token, num_tokens=3, topk=2, valid=valid)
+    assert slots.rows.tolist() == [[0, 3], [1, -1], [2, 4]]
+    assert slots.filled.tolist() == [[True, True], [True, False], [True, True]]
+    assert not slots.dense and not slots.covers_all_rows
+    dense = token_slot_rows(torch.tensor([1, 0, 0, 1]), num_tokens=2, topk=2)
+    assert dense.dense and dense.covers_all_rows
+    assert dense.rows.tolist() == [[1, 2], [0, 3]]
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("topk,hidden,drop", [(2, 40, 0.0), (3, 33, 0.3), (6, 70, 0.0)])
+def test_values_and_gradients_match_explicit_float64(kernel, dtype, topk, hidden, drop):
+    num_tokens = 9
+    rows, gates, row_to_token = routed_rows(num_tokens, topk, hidden, dtype, drop)
+    slots = token_slot_rows(row_to_token, num_tokens, topk)
+    # Representable in `dtype`: the gradient reaching a bf16 output is bf16.
+    weight_out = torch.randn(rows.shape, device=DEVICE).to(dtype).double()
+    weight_gram = torch.randn(num_tokens, topk, topk, device=DEVICE, dtype=torch.float64)
+
+    rows_ref = rows.double().requires_grad_()
+    gates_ref = gates.double().requires_grad_()
+    gated_ref, gram_ref = explicit_gated_gram(rows_ref, gates_ref, row_to_token, num_tokens, topk)
+    ((gated_ref * weight_out).sum() + (gram_ref * weight_gram).sum()).backward()
+
+    rows_in = rows.clone().requires_grad_()
+    gates_in = gates.clone().requires_grad_()
+    gated, gram = gated_gram(rows_in, gates_in, slots, kernel=kernel)
+    assert gated.dtype == dtype and gram.dtype == torch.float32
+    ((gated.double() * weight_out).sum() + (gram.double() * weight_gram).sum()).backward()
+
+    # float32: accumulation order only; bf16: one rounding of the result (the torch kernel
+    # rounds the gates' and the Gram's gradient separately before adding them: two).
+    rtol = 1e-5 if dtype == torch.float32 else 2 ** -6
+    torch.testing.assert_close(gated.double(), gated_ref.detach(), rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(gram.double(), gram_ref.detach(), rtol=1e-5, atol=1e-4)
+    scale = rows_ref.grad.abs().max().item()
+    torch.testing.assert_close(rows_in.grad.double(), rows_ref.grad, rtol=rtol, atol=rtol * scale)
+    torch.testing.assert_close(gates_in.grad.double(), gates_ref.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_kernel_refuses_what_it_cannot_compute(monkeypatch):
+    rows, gates, row_to_token = routed_rows(4, 2, 8, torch.float32)
+    padded = token_slot_rows(row_to_token, 4, 2, valid=torch.ones_like(row_to_token, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pad-expert-input-to-capacity"):
+        gated_gram(rows, gates, padded, kernel="triton")
+    slots = token_slot_rows(row_to_token, 4, 2)
+    with pytest.raises(TypeError, match="--moe-ortho-loss-kernel torch"):
+        gated_gram(rows.double(), gates, slots, kernel="triton")
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="CUDA"):
+            gated_gram(rows, gates, slots, kernel="triton")
+    with pytest.raises(ValueError, match="unknown L_o kernel"):
+        gated_gram(rows, gates, slots, kernel="cuda")
+
+
+def test_config_refuses_triton_with_capacity_padding():
+    with pytest.raises(SpecializationConfigError, match="--moe-ortho-loss-kernel torch"):
+        SpecializationConfig(
+            num_layers=1, hidden_size=8, num_attention_heads=2, num_moe_experts=4,
+            moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+            moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True,
+            moe_ortho_loss_coeff=0.01, moe_ortho_loss_kernel="triton",
+        )
