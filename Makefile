@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA := data
 
-.PHONY: install test demo data check-parallel clean
+.PHONY: install test demo data check-parallel clean gpu-wheels
 
 # The Dockerfile runs the same steps, minus requirements-torch.txt (it keeps NGC's PyTorch).
 # DeepSpeed (for megatron_patch.deepspeed) is an sdist built against the venv's torch, hence
@@ -27,6 +27,13 @@ check-parallel: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Wheels for benchmarks/run_on_gpu.sh on a GPU machine without network access whose PyTorch
+# (with CUDA and triton) is preinstalled: WHEELS=.gpu_wheels benchmarks/run_on_gpu.sh there.
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		-d .gpu_wheels megatron-core==0.16.1 sentencepiece==0.2.3 pyyaml==6.0.4
 
 # Built-in default corpus (real text, six domains; see LICENSES/CORPUS.md), tokenizer, datasets.
 $(DATA)/corpus.jsonl: | $(STAMP)

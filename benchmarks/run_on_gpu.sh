@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The prepared single-GPU check: unit tests (the fused Triton L_o kernel compiled on CUDA), a bf16
-# training smoke run and the loss benchmark (torch and triton L_o kernels side by side).
-# BENCH=0 skips the benchmark. Run from the repository root on a GPU machine whose Python lacks megatron-core: WHEELS points
-# at a folder of wheels to install first (megatron-core 0.16.1 for that Python). Results go to
-# OUT (default ./gpu_results).
+# training smoke run with the fused kernel, the loss benchmark (torch and triton L_o kernels side
+# by side) and the fused kernel's launch-setting table (benchmarks/tune_gated_gram.py).
+# BENCH=0 skips the benchmark, TUNE=0 the table. Run from the repository root on a GPU machine;
+# if its Python lacks megatron-core, WHEELS points at a folder of wheels to install first
+# (megatron-core 0.16.1 for that Python). Results go to OUT (default ./gpu_results).
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -35,4 +36,9 @@ cp /tmp/gpu_run/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
 if [[ "${BENCH:-1}" == 1 ]]; then
     timeout 420 python3 benchmarks/bench_moe_losses.py --device cuda --output "$OUT/benchmarks.md" \
         2>&1 | tail -80 | tee "$OUT/bench.txt"
+fi
+
+if [[ "${TUNE:-1}" == 1 ]]; then
+    timeout 240 python3 benchmarks/tune_gated_gram.py --output "$OUT/tune_gated_gram.md" \
+        2>&1 | tail -60 | tee "$OUT/tune.txt"
 fi

@@ -51,10 +51,11 @@ def _inputs(ranks: int, tokens_per_rank: int = 12) -> torch.Tensor:
     return torch.randn(ranks, 2, tokens_per_rank // 2, HIDDEN, generator=torch.Generator().manual_seed(7))
 
 
-@pytest.mark.parametrize("k,form", [(2, "span"), (2, "pairwise"), (3, "span")])
-def test_losses_equal_explicit_per_token_reference(k: int, form: str) -> None:
+@pytest.mark.parametrize("k,form,normalize",
+                         [(2, "span", False), (2, "pairwise", False), (3, "span", False), (3, "span", True)])
+def test_losses_equal_explicit_per_token_reference(k: int, form: str, normalize: bool) -> None:
     """Run every kept (token, expert) pair by hand; dropped routes and capacity padding don't count."""
-    moe = _build_moe(k, form, capacity_factor=1.0, min_capacity=1)
+    moe = _build_moe(k, form, capacity_factor=1.0, min_capacity=1, ortho_normalize=normalize)
     layer = moe.deepspeed_moe
     captured = {}
     layer.gate.register_forward_hook(lambda module, args, output: captured.update(gate=output))
@@ -74,7 +75,8 @@ def test_losses_equal_explicit_per_token_reference(k: int, form: str) -> None:
                 expected_output[t] += gates[route, t] * experts[e](token)
             if kept:
                 outputs = torch.stack([experts[e](token) for _, e in kept])  # [n_t, H] unweighted
-                ortho_sum += orthogonality_loss_per_slot(outputs[None], form=form).sum().item()
+                ortho_sum += orthogonality_loss_per_slot(outputs[None], form=form,
+                                                         normalize=normalize).sum().item()
                 slots += len(kept)
         expected_var = variance_loss(F.softmax(tokens @ layer.gate.wg.weight.T, dim=-1))
 

@@ -2,7 +2,12 @@
 
 import torch
 
-from megatron_patch.moe.grouping import group_rows_by_token
+from megatron_patch.moe.grouping import gather_slots, token_slot_rows
+
+
+def group_rows_by_token(rows, row_to_token, num_tokens, topk, valid=None):
+    slots = token_slot_rows(row_to_token, num_tokens, topk, valid)
+    return gather_slots(rows, slots), slots.filled
 
 
 def identity_rows(pairs):

@@ -169,3 +169,30 @@ def test_half_precision_gradient_matches_float32(form):
     # bf16 keeps ~3 significant digits: compare the whole gradient, relative to its norm.
     error = (x16.grad.float() - x32.grad).norm() / x32.grad.norm()
     assert error < 1e-2
+
+
+@pytest.mark.parametrize("form", ["span", "pairwise"])
+def test_normalized_ortho_loss_is_the_loss_of_unit_rows_and_cannot_shrink_them(form):
+    torch.manual_seed(11)
+    x = torch.randn(9, 3, 12, dtype=torch.float64)
+    x[2, 1] = 0.0  # an empty slot stays empty
+    eps = 1e-6
+    unit = x / (x.square().sum(-1, keepdim=True) + eps).sqrt()
+    got = orthogonality_loss_per_slot(x, form=form, eps=eps, normalize=True)
+    want = orthogonality_loss_per_slot(unit, form=form, eps=eps)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert got[2, 1] == 0
+    # Penalties of unit vectors: at most the whole squared norm, 1 (span); scale-free per row.
+    assert got.max() < 1 + 1e-9 or form == "pairwise"
+    row_scales = torch.rand(9, 3, 1, dtype=torch.float64) * 100 + 0.5
+    scaled = orthogonality_loss_per_slot(x * row_scales, form=form, eps=eps, normalize=True)
+    torch.testing.assert_close(scaled, got, rtol=1e-4, atol=1e-8)
+    # Its gradient has no component along any row: it turns outputs apart, never shrinks them.
+    x.requires_grad_(True)
+    orthogonality_loss(x, form=form, eps=eps, normalize=True).backward()
+    radial = (x.grad * x).sum(-1) / (x.grad.norm(dim=-1) * x.norm(dim=-1)).clamp(min=1e-30)
+    assert radial.abs().max() < 1e-4
+    x.grad = None
+    orthogonality_loss(x, form=form, eps=eps).backward()
+    radial = (x.grad * x).sum(-1) / (x.grad.norm(dim=-1) * x.norm(dim=-1)).clamp(min=1e-30)
+    assert radial.abs().max() > 0.1  # the plain loss does push along the rows

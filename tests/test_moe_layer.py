@@ -77,17 +77,20 @@ def reference(layer, x):
     return combined.view_as(x), chosen, scores
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("kernel", ["torch", TRITON])
 @pytest.mark.parametrize("form", ["span", "pairwise"])
-def test_layer_output_and_losses_match_explicit_reference(single_process_megatron, form, kernel):
-    layer = build_layer(make_config(moe_ortho_loss_form=form, moe_ortho_loss_kernel=kernel))
+def test_layer_output_and_losses_match_explicit_reference(single_process_megatron, form, kernel,
+                                                          normalize):
+    layer = build_layer(make_config(moe_ortho_loss_form=form, moe_ortho_loss_kernel=kernel,
+                                    moe_ortho_loss_normalize=normalize))
     x = torch.randn(SEQ, BATCH, HIDDEN)
     clear_aux_losses_tracker()
     out, _ = layer(x)
     ref_out, chosen, scores = reference(layer, x)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     assert tracked("ortho_loss") == pytest.approx(
-        orthogonality_loss(chosen, form=form).item(), rel=1e-5
+        orthogonality_loss(chosen, form=form, normalize=normalize).item(), rel=1e-5
     )
     assert tracked("var_loss") == pytest.approx(variance_loss(scores).item(), rel=1e-5)
 
@@ -196,13 +199,14 @@ def test_capacity_dropping_counts_only_kept_slots(single_process_megatron, pad, 
     torch.testing.assert_close(out.reshape(-1, HIDDEN), weighted.sum(1), rtol=1e-5, atol=1e-6)
 
 
-def test_moe_recompute_gives_the_same_losses_and_gradients(single_process_megatron):
+@pytest.mark.parametrize("kernel", ["torch", TRITON])
+def test_moe_recompute_gives_the_same_losses_and_gradients(single_process_megatron, kernel):
     """Under selective MoE recompute the first forward runs without grad (no loss attached) and
     the recomputation attaches L_o / L_v, as megatron does with its aux loss."""
     x = torch.randn(SEQ, BATCH, HIDDEN)
     grads, values, weights = [], [], None
     for recompute in ({}, {"recompute_granularity": "selective", "recompute_modules": ["moe"]}):
-        layer = build_layer(make_config(**recompute))
+        layer = build_layer(make_config(moe_ortho_loss_kernel=kernel, **recompute))
         assert layer.moe_layer_recompute == bool(recompute)
         weights = weights or layer.state_dict()
         layer.load_state_dict(weights)

@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="beta of L_o: a number or 'auto' (calibrated on the batch; the "
                        "check also requires every rank to calibrate the same value)")
     model.add_argument("--moe-ortho-loss-form", default="span", choices=["span", "pairwise"])
+    model.add_argument("--moe-ortho-loss-normalize", action="store_true",
+                       help="L_o of the unit-normalized expert outputs")
+    model.add_argument("--moe-ortho-loss-kernel", default="torch", choices=["torch", "triton"],
+                       help="triton: the fused kernel (CUDA, or TRITON_INTERPRET=1 on CPU)")
     model.add_argument("--moe-var-loss-coeff", type=_coefficient, default="auto", help="gamma of L_v: number or 'auto'")
     model.add_argument("--seq-length", type=int, default=16)
     model.add_argument("--vocab-size", type=int, default=128)
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         "moe_router_load_balancing_type": args.moe_router_load_balancing_type,
         "moe_ortho_loss_coeff": args.moe_ortho_loss_coeff,
         "moe_ortho_loss_form": args.moe_ortho_loss_form,
+        "moe_ortho_loss_normalize": args.moe_ortho_loss_normalize,
+        "moe_ortho_loss_kernel": args.moe_ortho_loss_kernel,
         "moe_var_loss_coeff": args.moe_var_loss_coeff,
         "seq_length": args.seq_length,
         "vocab_size": args.vocab_size,

@@ -108,7 +108,8 @@ class SpecializationMOELayer(MOELayer):
         settings = self.settings
         terms = {}  # name -> (local sum, local count)
         if settings.ortho_enabled:
-            terms["ortho"] = ortho_sum(routed, kept, settings.ortho_form, settings.ortho_eps)
+            terms["ortho"] = ortho_sum(routed, kept, settings.ortho_form, settings.ortho_eps,
+                                       settings.ortho_normalize)
         if settings.var_enabled:
             terms["var"] = variance_sum(scores)
         sums, counts = [s for s, _ in terms.values()], [c for _, c in terms.values()]
@@ -133,14 +134,15 @@ class SpecializationMoE(MoE):
         var_coeff: gamma >= 0 (0 disables L_v).
         ortho_form: ``"span"`` (default) or ``"pairwise"``.
         ortho_eps: regularizer of the L_o form.
+        ortho_normalize: L_o of the unit-normalized expert outputs (scale-free; not in the paper).
 
     ``forward(hidden_states [..., M], used_token=None)`` returns ``(output [..., M],
     l_aux + beta * L_o + gamma * L_v, exp_counts [E])``.
     """
 
     def __init__(self, *args: Any, ortho_coeff: float = 0.0, var_coeff: float = 0.0, ortho_form: str = "span",
-                 ortho_eps: float = 1e-6, **kwargs: Any) -> None:
-        settings = SpecializationSettings(ortho_coeff, var_coeff, ortho_form, ortho_eps)
+                 ortho_eps: float = 1e-6, ortho_normalize: bool = False, **kwargs: Any) -> None:
+        settings = SpecializationSettings(ortho_coeff, var_coeff, ortho_form, ortho_eps, ortho_normalize)
         super().__init__(*args, **kwargs)
         self.deepspeed_moe = SpecializationMOELayer.from_layer(self.deepspeed_moe, settings)
 

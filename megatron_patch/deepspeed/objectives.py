@@ -7,7 +7,8 @@ import torch
 from megatron_patch.moe.losses import orthogonality_loss_per_slot, routing_variance_per_token
 
 
-def ortho_sum(routed: torch.Tensor, kept: torch.Tensor, form: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ortho_sum(routed: torch.Tensor, kept: torch.Tensor, form: str, eps: float,
+              normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum and count of the L_o slot penalties of this rank's tokens.
 
     Args:
@@ -16,13 +17,16 @@ def ortho_sum(routed: torch.Tensor, kept: torch.Tensor, form: str, eps: float) -
         kept: [k, S] bool, False for routes dropped over capacity.
         form: ``"span"`` or ``"pairwise"`` (``megatron_patch.moe.losses``).
         eps: regularizer of the form.
+        normalize: penalize the unit-normalized outputs (scale-free).
 
     Returns:
         (sum over kept slots of the per-slot penalty (float32, graph-attached to ``routed``),
         number of kept slots (int64)). A zero row changes no other slot's value, so a token that
         lost routes counts only its kept ones, against its kept experts.
     """
-    per_slot = orthogonality_loss_per_slot(routed.transpose(0, 1), form=form, eps=eps)  # [S, k]
+    per_slot = orthogonality_loss_per_slot(  # [S, k]
+        routed.transpose(0, 1), form=form, eps=eps, normalize=normalize
+    )
     kept_slots = kept.t()
     return per_slot.masked_fill(~kept_slots, 0.0).sum(), kept_slots.sum()
 

@@ -10,7 +10,7 @@ from megatron_patch.moe.losses import ORTHO_FORMS
 
 @dataclass(frozen=True)
 class SpecializationSettings:
-    """beta (L_o), gamma (L_v), the L_o form and its eps; validated when built.
+    """beta (L_o), gamma (L_v), the L_o form, its eps and normalization; validated when built.
 
     A coefficient of 0 disables its loss (it is then not computed). The total loss a DeepSpeed
     MoE layer returns is ``l_aux + ortho_coeff * L_o + var_coeff * L_v``.
@@ -20,6 +20,7 @@ class SpecializationSettings:
     var_coeff: float = 0.0
     ortho_form: str = "span"
     ortho_eps: float = 1e-6
+    ortho_normalize: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ortho_coeff", "var_coeff"):

@@ -39,6 +39,11 @@ def add_specialization_args(parser: argparse.ArgumentParser) -> argparse.Argumen
         help="regularizer of the Gram-matrix solves of L_o.",
     )
     group.add_argument(
+        "--moe-ortho-loss-normalize", action="store_true",
+        help="L_o of the unit-normalized expert outputs (cosines): scale-free, so it turns the "
+        "outputs apart instead of shrinking them; not in the paper.",
+    )
+    group.add_argument(
         "--moe-ortho-loss-target", type=float, default=1e-4,
         help="with --moe-ortho-loss-coeff auto: beta = 10^round(log10(target / L_o)).",
     )
@@ -73,6 +78,7 @@ def specialization_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "moe_ortho_loss_coeff": args.moe_ortho_loss_coeff,
         "moe_ortho_loss_form": args.moe_ortho_loss_form,
         "moe_ortho_loss_eps": args.moe_ortho_loss_eps,
+        "moe_ortho_loss_normalize": args.moe_ortho_loss_normalize,
         "moe_ortho_loss_target": args.moe_ortho_loss_target,
         "moe_ortho_loss_kernel": args.moe_ortho_loss_kernel,
         "moe_var_loss_coeff": args.moe_var_loss_coeff,

@@ -8,6 +8,7 @@ field                      flag                             meaning
 moe_ortho_loss_coeff       --moe-ortho-loss-coeff           beta >= 0, or "auto" (calibrated)
 moe_ortho_loss_form        --moe-ortho-loss-form            "span" (released code) | "pairwise"
 moe_ortho_loss_eps         --moe-ortho-loss-eps             regularizer of the Gram solves
+moe_ortho_loss_normalize   --moe-ortho-loss-normalize       L_o of the unit-normalized outputs
 moe_ortho_loss_target      --moe-ortho-loss-target          magnitude "auto" calibrates beta*L_o to
 moe_ortho_loss_kernel      --moe-ortho-loss-kernel          "torch" | "triton" (fused, CUDA)
 moe_var_loss_coeff         --moe-var-loss-coeff             gamma >= 0, or "auto" (calibrated)
@@ -59,6 +60,7 @@ class SpecializationConfig(TransformerConfig):
     moe_ortho_loss_coeff: Coefficient = 0.0
     moe_ortho_loss_form: str = "span"
     moe_ortho_loss_eps: float = 1e-6
+    moe_ortho_loss_normalize: bool = False
     moe_ortho_loss_target: float = 1e-4
     moe_ortho_loss_kernel: str = "torch"
     moe_var_loss_coeff: Coefficient = 0.0

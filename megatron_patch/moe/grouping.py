@@ -77,24 +77,3 @@ def gather_slots(rows: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
     grouped = rows.new_zeros(num_tokens, topk, rows.shape[1])
     return grouped.index_put((slots.filled,), rows.index_select(0, slots.rows[slots.filled]))
 
-
-def group_rows_by_token(
-    rows: torch.Tensor,
-    row_to_token: torch.Tensor,
-    num_tokens: int,
-    topk: int,
-    valid: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather each token's expert-output rows into k slots.
-
-    Args:
-        rows: [N, H] expert outputs in any row order.
-        row_to_token, num_tokens, topk, valid: as in ``token_slot_rows``.
-
-    Returns:
-        grouped: [T, k, H]; token t's rows in slots 0..n_t-1 in their original relative order,
-            zero rows in the remaining slots.
-        filled: [T, k] bool, the slots that hold a row.
-    """
-    slots = token_slot_rows(row_to_token, num_tokens, topk, valid)
-    return gather_slots(rows, slots), slots.filled

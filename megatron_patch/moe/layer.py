@@ -104,7 +104,10 @@ class SpecializationMoELayer(MoELayer):
             kernel=self.config.moe_ortho_loss_kernel,
         )
         per_slot = projection_norms(
-            gram, form=self.config.moe_ortho_loss_form, eps=self.config.moe_ortho_loss_eps
+            gram,
+            form=self.config.moe_ortho_loss_form,
+            eps=self.config.moe_ortho_loss_eps,
+            normalize=self.config.moe_ortho_loss_normalize,
         )
         filled = slots.filled
         local_tokens = slots.rows.shape[0]

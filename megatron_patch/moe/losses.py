@@ -14,6 +14,12 @@ Orthogonality loss L_o
     * ``pairwise`` form (the paper's Eq. 6): sum over j != i of
       || <x_i, x_j> / (<x_j, x_j> + eps) x_j ||^2 = G_ij^2 G_jj / (G_jj + eps)^2.
 
+    * ``normalize`` (an option of ours, either form): the penalty of the unit-normalized outputs
+      x_i / sqrt(|x_i|^2 + eps), i.e. of the cosine matrix C = D^-1/2 G D^-1/2 (D = diag(G) +
+      eps) in place of G. It is scale-free, so its gradient turns the outputs apart and has no
+      component that shrinks them (the unnormalized squared projection norms are mostly reduced
+      by shrinking the expert outputs at large coefficients).
+
     L_o is the sum over tokens and slots divided by the number of slots (T * k). Everything is a
     function of G, which is computed in float32 (float64 input stays float64); the k x k inverse
     of the span form runs in float64 so duplicated outputs (a near-singular G) stay accurate. A zero row contributes nothing and does not change the other slots' values, so
@@ -116,7 +122,11 @@ def pairwise_projection_norms(gram: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def orthogonality_loss_per_slot(
-    expert_outputs: torch.Tensor, *, form: OrthoForm = "span", eps: float = 1e-6
+    expert_outputs: torch.Tensor,
+    *,
+    form: OrthoForm = "span",
+    eps: float = 1e-6,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Per-slot orthogonality penalties.
 
@@ -125,6 +135,7 @@ def orthogonality_loss_per_slot(
             slots must be zero rows.
         form: ``"span"`` or ``"pairwise"``.
         eps: regularizer (see module docstring).
+        normalize: penalize the unit-normalized outputs (scale-free).
 
     Returns:
         [T, k] float32 (float64 for float64 input) per-slot values, >= 0.
@@ -133,10 +144,23 @@ def orthogonality_loss_per_slot(
         raise ValueError(
             f"expert_outputs must be [T, k, H], got shape {tuple(expert_outputs.shape)}"
         )
-    return projection_norms(gram_matrices(expert_outputs), form=form, eps=eps)
+    return projection_norms(
+        gram_matrices(expert_outputs), form=form, eps=eps, normalize=normalize
+    )
 
 
-def projection_norms(gram: torch.Tensor, *, form: OrthoForm = "span", eps: float = 1e-6) -> torch.Tensor:
+def cosine_gram(gram: torch.Tensor, eps: float) -> torch.Tensor:
+    """[T, k, k] Gram matrices of the unit-normalized rows x_i / sqrt(|x_i|^2 + eps).
+
+    Zero rows (empty slots) stay zero rows.
+    """
+    scale = (gram.diagonal(dim1=1, dim2=2) + eps).rsqrt()  # [T, k]
+    return gram * scale.unsqueeze(-1) * scale.unsqueeze(-2)
+
+
+def projection_norms(
+    gram: torch.Tensor, *, form: OrthoForm = "span", eps: float = 1e-6, normalize: bool = False
+) -> torch.Tensor:
     """Per-slot orthogonality penalties from the per-token Gram matrices.
 
     Args:
@@ -144,19 +168,26 @@ def projection_norms(gram: torch.Tensor, *, form: OrthoForm = "span", eps: float
             ``megatron_patch.moe.gated_gram``).
         form: ``"span"`` or ``"pairwise"``.
         eps: regularizer (see module docstring).
+        normalize: penalize the unit-normalized outputs (``cosine_gram``) instead.
 
     Returns:
         [T, k] per-slot values in the dtype of ``gram``.
     """
     if form not in ORTHO_FORMS:
         raise ValueError(f"unknown orthogonality loss form {form!r}; choose one of {ORTHO_FORMS}")
+    if normalize:
+        gram = cosine_gram(gram, eps)
     if form == "span":
         return span_projection_norms(gram, eps)
     return pairwise_projection_norms(gram, eps)
 
 
 def orthogonality_loss(
-    expert_outputs: torch.Tensor, *, form: OrthoForm = "span", eps: float = 1e-6
+    expert_outputs: torch.Tensor,
+    *,
+    form: OrthoForm = "span",
+    eps: float = 1e-6,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """L_o: mean over the T * k slots of the per-slot penalty.
 
@@ -164,11 +195,12 @@ def orthogonality_loss(
         expert_outputs: [T, k, H] unweighted expert outputs, token-major.
         form: ``"span"`` (released code) or ``"pairwise"`` (paper Eq. 6).
         eps: regularizer.
+        normalize: penalize the unit-normalized outputs (scale-free).
 
     Returns:
         Scalar tensor (float32, or float64 for float64 input). 0 for k = 1 or T = 0.
     """
-    per_slot = orthogonality_loss_per_slot(expert_outputs, form=form, eps=eps)
+    per_slot = orthogonality_loss_per_slot(expert_outputs, form=form, eps=eps, normalize=normalize)
     if per_slot.numel() == 0:
         return per_slot.sum()
     return per_slot.mean()

@@ -15,6 +15,8 @@ under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -79,12 +81,19 @@ def _gated_gram_backward(
     tl.store(grad_gates_ptr + row, grad_gate, mask=present)
 
 
-def _launch_shape(topk: int, hidden: int) -> tuple[int, int]:
-    """(SLOTS, BLOCK_H): k padded to a power of two, and an H tile that keeps the
-    [SLOTS, SLOTS, BLOCK_H] float32 products of one program at 4096 values."""
+@dataclass(frozen=True)
+class Launch:
+    """How the kernels are launched: the H tile of one program's loop and its warps."""
+
+    block_h: int
+    num_warps: int = 4
+
+
+def default_launch(topk: int, hidden: int) -> Launch:
+    """An H tile that keeps one program's [SLOTS, SLOTS, BLOCK_H] float32 products at 4096
+    values (SLOTS: k padded to a power of two)."""
     slots = triton.next_power_of_2(topk)
-    block_h = min(max(4096 // (slots * slots), 16), 512, triton.next_power_of_2(hidden))
-    return slots, block_h
+    return Launch(min(max(4096 // (slots * slots), 16), 512, triton.next_power_of_2(hidden)))
 
 
 def _check_inputs(rows: torch.Tensor, gates: torch.Tensor, slots: TokenSlots) -> None:
@@ -114,18 +123,20 @@ def _check_inputs(rows: torch.Tensor, gates: torch.Tensor, slots: TokenSlots) ->
 
 class _GatedGram(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, gates: torch.Tensor, slot_rows: torch.Tensor):
+    def forward(ctx, rows: torch.Tensor, gates: torch.Tensor, slot_rows: torch.Tensor,
+                launch: Launch):
         num_tokens, topk = slot_rows.shape
         hidden = rows.shape[1]
         gated = torch.empty_like(rows)
         gram = torch.empty(num_tokens, topk, topk, dtype=torch.float32, device=rows.device)
-        slots, block_h = _launch_shape(topk, hidden)
         if num_tokens > 0:
             _gated_gram_forward[(num_tokens,)](
                 rows, gates, slot_rows, gated, gram, hidden,
-                TOPK=topk, SLOTS=slots, BLOCK_H=block_h,
+                TOPK=topk, SLOTS=triton.next_power_of_2(topk), BLOCK_H=launch.block_h,
+                num_warps=launch.num_warps,
             )
         ctx.save_for_backward(rows, gates, slot_rows)
+        ctx.launch = launch
         return gated, gram
 
     @staticmethod
@@ -138,23 +149,26 @@ class _GatedGram(torch.autograd.Function):
             grad_gram = torch.zeros(num_tokens, topk, topk, dtype=torch.float32, device=rows.device)
         grad_rows = torch.empty_like(rows)
         grad_gates = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
-        slots, block_h = _launch_shape(topk, hidden)
         if num_tokens > 0:
             _gated_gram_backward[(num_tokens,)](
                 rows, gates, slot_rows, grad_gated, grad_gram.contiguous(), grad_rows,
                 grad_gates, hidden,
-                TOPK=topk, SLOTS=slots, BLOCK_H=block_h,
+                TOPK=topk, SLOTS=triton.next_power_of_2(topk), BLOCK_H=ctx.launch.block_h,
+                num_warps=ctx.launch.num_warps,
             )
-        return grad_rows, grad_gates.to(gates.dtype), None
+        return grad_rows, grad_gates.to(gates.dtype), None, None
 
 
 def triton_gated_gram(
-    rows: torch.Tensor, gates: torch.Tensor, slots: TokenSlots
+    rows: torch.Tensor, gates: torch.Tensor, slots: TokenSlots, launch: Optional[Launch] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``megatron_patch.moe.gated_gram.gated_gram`` in one Triton pass (forward and backward).
 
     Every row must fill exactly one slot (no capacity padding rows). Same arguments and results;
-    the Gram matrices are float32.
+    the Gram matrices are float32. ``launch`` overrides ``default_launch`` (for tuning).
     """
     _check_inputs(rows, gates, slots)
-    return _GatedGram.apply(rows.contiguous(), gates.contiguous(), slots.rows.contiguous())
+    launch = launch or default_launch(slots.rows.shape[1], rows.shape[1])
+    return _GatedGram.apply(
+        rows.contiguous(), gates.contiguous(), slots.rows.contiguous(), launch
+    )

@@ -26,6 +26,7 @@ class GPTMoEConfig:
     ortho_coeff: float = 0.0
     var_coeff: float = 0.0
     ortho_form: str = "span"
+    ortho_normalize: bool = False
 
 
 class CausalSelfAttention(nn.Module):
@@ -58,7 +59,8 @@ class Block(nn.Module):
                                      ep_size=config.ep_size, k=config.topk,
                                      capacity_factor=config.capacity_factor, min_capacity=4,
                                      ortho_coeff=config.ortho_coeff, var_coeff=config.var_coeff,
-                                     ortho_form=config.ortho_form)
+                                     ortho_form=config.ortho_form,
+                                     ortho_normalize=config.ortho_normalize)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T, H] -> ([B, T, H], this layer's l_aux + beta * L_o + gamma * L_v)."""

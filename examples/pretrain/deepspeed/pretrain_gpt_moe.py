@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ortho-coeff", type=float, default=1.0, help="beta of L_o (0 disables)")
     parser.add_argument("--var-coeff", type=float, default=1.0, help="gamma of L_v (0 disables)")
     parser.add_argument("--ortho-form", choices=("span", "pairwise"), default="span")
+    parser.add_argument("--ortho-normalize", action="store_true",
+                        help="L_o of the unit-normalized expert outputs (scale-free)")
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--metrics-file", help="append one JSON line per logged step (rank 0)")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
@@ -105,7 +107,7 @@ def main() -> None:
         num_layers=args.num_layers, num_heads=args.num_heads, ffn_hidden_size=args.ffn_hidden_size,
         num_experts=args.num_experts, ep_size=args.ep_size, topk=args.topk,
         capacity_factor=args.capacity_factor, ortho_coeff=args.ortho_coeff, var_coeff=args.var_coeff,
-        ortho_form=args.ortho_form))
+        ortho_form=args.ortho_form, ortho_normalize=args.ortho_normalize))
     # ZeRO needs expert and non-expert parameters in separate optimizer groups.
     param_groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"})
