@@ -106,3 +106,26 @@ def test_config_refuses_triton_with_capacity_padding():
             moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True,
             moe_ortho_loss_coeff=0.01, moe_ortho_loss_kernel="triton",
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with CUDA")
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("form", ["span", "pairwise"])
+def test_lo_path_never_waits_for_the_gpu(kernel, form):
+    """Slot map, gates + Gram, per-slot penalties and their backward issue no device-to-host
+    sync (dropless routing): CUDA's sync debug mode turns any into an error."""
+    from megatron_patch.moe.losses import projection_norms
+
+    rows, gates, row_to_token = routed_rows(64, 4, 256, torch.bfloat16)
+    rows.requires_grad_(True)
+    gates.requires_grad_(True)
+    gated_gram(rows, gates, token_slot_rows(row_to_token, 64, 4), kernel=kernel)  # compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        slots = token_slot_rows(row_to_token, 64, 4)
+        gated, gram = gated_gram(rows, gates, slots, kernel=kernel)
+        loss = projection_norms(gram, form=form).sum() + gated.float().square().sum()
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

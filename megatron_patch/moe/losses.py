@@ -100,7 +100,10 @@ def span_projection_norms(gram: torch.Tensor, eps: float) -> torch.Tensor:
         # Nothing to project onto; keep the result attached to the graph (zero gradient).
         return gram.diagonal(dim1=1, dim2=2) * 0.0
     ridge = gram.to(torch.float64) + eps * torch.eye(k, dtype=torch.float64, device=gram.device)
-    inverse_diag = torch.linalg.inv(ridge).diagonal(dim1=1, dim2=2)
+    # M is symmetric positive definite (G is PSD, eps > 0), so the inverse exists; inv_ex skips
+    # linalg.inv's singularity check, a device-to-host sync per MoE layer on CUDA.
+    inverse, _ = torch.linalg.inv_ex(ridge)
+    inverse_diag = inverse.diagonal(dim1=1, dim2=2)
     return (ridge.diagonal(dim1=1, dim2=2) - inverse_diag.reciprocal()).to(gram.dtype)
 
 
