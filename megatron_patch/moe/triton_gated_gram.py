@@ -26,16 +26,25 @@ from megatron_patch.moe.grouping import TokenSlots
 
 
 @triton.jit
-def _gated_gram_forward(
-    rows_ptr, gates_ptr, slot_rows_ptr, gated_ptr, gram_ptr, hidden,
-    TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr,
-):
+def _token_slots(gates_ptr, slot_rows_ptr, TOPK: tl.constexpr, SLOTS: tl.constexpr):
+    """This program's token: its slots' row indices (-1 if empty), which are filled, their gates
+    (float32), and the offsets of its [SLOTS, SLOTS] block in a [T, k, k] tensor (and mask)."""
     token = tl.program_id(0).to(tl.int64)
     slot = tl.arange(0, SLOTS)
     in_topk = slot < TOPK
     row = tl.load(slot_rows_ptr + token * TOPK + slot, mask=in_topk, other=-1)
     present = row >= 0
     gate = tl.load(gates_ptr + row, mask=present, other=0.0).to(tl.float32)
+    pair = token * TOPK * TOPK + slot[:, None] * TOPK + slot[None, :]
+    return row, present, gate, pair, in_topk[:, None] & in_topk[None, :]
+
+
+@triton.jit
+def _gated_gram_forward(
+    rows_ptr, gates_ptr, slot_rows_ptr, gated_ptr, gram_ptr, hidden,
+    TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    row, present, gate, pair, pair_mask = _token_slots(gates_ptr, slot_rows_ptr, TOPK, SLOTS)
     row_start = row * hidden
     gram = tl.zeros((SLOTS, SLOTS), dtype=tl.float32)
     for start in range(0, hidden, BLOCK_H):
@@ -46,8 +55,7 @@ def _gated_gram_forward(
         gram += tl.sum(x[:, None, :] * x[None, :, :], axis=2)
         gated = x * gate[:, None]
         tl.store(gated_ptr + offsets, gated.to(gated_ptr.dtype.element_ty), mask=mask)
-    pair = token * TOPK * TOPK + slot[:, None] * TOPK + slot[None, :]
-    tl.store(gram_ptr + pair, gram, mask=in_topk[:, None] & in_topk[None, :])
+    tl.store(gram_ptr + pair, gram, mask=pair_mask)
 
 
 @triton.jit
@@ -56,16 +64,8 @@ def _gated_gram_backward(
     grad_gates_ptr, hidden,
     TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    slot = tl.arange(0, SLOTS)
-    in_topk = slot < TOPK
-    row = tl.load(slot_rows_ptr + token * TOPK + slot, mask=in_topk, other=-1)
-    present = row >= 0
-    gate = tl.load(gates_ptr + row, mask=present, other=0.0).to(tl.float32)
-    pair = token * TOPK * TOPK + slot[:, None] * TOPK + slot[None, :]
-    grad_gram = tl.load(
-        grad_gram_ptr + pair, mask=in_topk[:, None] & in_topk[None, :], other=0.0
-    ).to(tl.float32)
+    row, present, gate, pair, pair_mask = _token_slots(gates_ptr, slot_rows_ptr, TOPK, SLOTS)
+    grad_gram = tl.load(grad_gram_ptr + pair, mask=pair_mask, other=0.0).to(tl.float32)
     symmetric = grad_gram + tl.trans(grad_gram)
     row_start = row * hidden
     grad_gate = tl.zeros((SLOTS,), dtype=tl.float32)
