@@ -64,6 +64,24 @@ def token_slot_rows(
     return TokenSlots(slot_rows, slot_rows >= 0, dense=False, covers_all_rows=valid is None)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``rows[perm]`` for a permutation ``perm`` of the rows. Its backward gathers the gradient
+    with the inverse permutation instead of index_select's scatter-add into a zero-filled
+    tensor (atomics on GPU, a serial scatter on CPU)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(perm)
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (perm,) = ctx.saved_tensors
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return grad.index_select(0, inverse), None
+
+
 def gather_slots(rows: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
     """[N, H] rows -> [T, k, H] by slot, zero rows in empty slots (differentiable).
 
@@ -72,8 +90,8 @@ def gather_slots(rows: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
         slots: from ``token_slot_rows``.
     """
     num_tokens, topk = slots.rows.shape
-    if slots.dense:
-        return rows.index_select(0, slots.rows.reshape(-1)).view(num_tokens, topk, -1)
+    if slots.dense:  # the slot map is a permutation of the rows
+        return _PermuteRows.apply(rows, slots.rows.reshape(-1)).view(num_tokens, topk, -1)
     grouped = rows.new_zeros(num_tokens, topk, rows.shape[1])
     return grouped.index_put((slots.filled,), rows.index_select(0, slots.rows[slots.filled]))
 
