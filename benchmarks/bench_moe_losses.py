@@ -476,16 +476,38 @@ def tail_inputs(size: LayerSize, dtype: torch.dtype, device: torch.device):
     return rows.requires_grad_(True), gates.requires_grad_(True), slots, grad
 
 
+def tail_forward(rows: torch.Tensor, gates: torch.Tensor, slots,
+                 kernel: Optional[str]) -> list[torch.Tensor]:
+    """Gates (kernel None), or gates + Gram + span L_o (beta = LOSS_COEFF): [gated, loss]."""
+    if kernel is None:
+        return [apply_gates(rows, gates)]
+    gated, gram = gated_gram(rows, gates, slots, kernel=kernel)
+    return [gated, LOSS_COEFF * projection_norms(gram).mean()]
+
+
 def tail_step(rows: torch.Tensor, gates: torch.Tensor, slots, grad: torch.Tensor,
               kernel: Optional[str]) -> None:
-    """Gates (kernel None), or gates + Gram + span L_o (beta = LOSS_COEFF), forward+backward."""
+    """``tail_forward`` and its backward."""
     rows.grad = gates.grad = None
-    if kernel is None:
-        apply_gates(rows, gates).backward(grad)
-        return
-    gated, gram = gated_gram(rows, gates, slots, kernel=kernel)
-    loss = LOSS_COEFF * projection_norms(gram).mean()
-    torch.autograd.backward([gated, loss], [grad, None])
+    outputs = tail_forward(rows, gates, slots, kernel)
+    torch.autograd.backward(outputs, [grad, None][:len(outputs)])
+
+
+def saved_for_backward_bytes(forward: Callable[[], object], inputs: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``forward`` runs,
+    leaving out the inputs' own storages: the activation memory it adds, on any device."""
+    own = {t.untyped_storage().data_ptr() for t in inputs}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
 
 
 def bench_tail(size: LayerSize, plan: Plan, device: torch.device, expert_s: float) -> dict:
@@ -495,15 +517,18 @@ def bench_tail(size: LayerSize, plan: Plan, device: torch.device, expert_s: floa
     for kernel in plan.kernels:
         steps[kernel] = functools.partial(tail_step, rows, gates, slots, grad, kernel)
     times = median_times(steps, device, plan.reps, plan.warmup)
-    memory = {}
+    memory, saved = {}, {}
     for name, step in steps.items():
         rows.grad = gates.grad = None
         memory[name] = peak_memory_delta(step, device)
+        kernel = None if name == "gates" else name
+        saved[name] = saved_for_backward_bytes(
+            functools.partial(tail_forward, rows, gates, slots, kernel), [rows, gates])
     # Least traffic of the tail: forward reads the rows and writes the gated rows, backward
     # reads the rows and the output gradient and writes the rows' gradient.
     traffic = 5 * rows.numel() * rows.element_size()
     row = {"size": size, "time": times, "memory": memory, "expert_s": expert_s,
-           "traffic": traffic}
+           "traffic": traffic, "saved": saved}
     log(f"[5] {size.label()}: {times}")
     return row
 
@@ -760,7 +785,7 @@ def tail_section(rows: list[dict], device: torch.device, kernels: tuple[str, ...
     header = ["H", "F", "E", "k", "T", "expert GEMMs ms", "gates ms", "gates GB/s"]
     for kernel in kernels:
         header += [f"+ L_o {kernel} ms", f"marginal {kernel} ms", f"{kernel} / expert GEMMs",
-                   f"{kernel} GB/s"]
+                   f"{kernel} GB/s", f"{kernel} saved MiB"]
     if device.type == "cuda":
         header += [f"peak MiB delta ({kernel})" for kernel in kernels]
     body = []
@@ -772,7 +797,8 @@ def tail_section(rows: list[dict], device: torch.device, kernels: tuple[str, ...
             marginal = t[kernel] - t["gates"]
             cells += [f"{t[kernel] * 1e3:.3f}", f"{marginal * 1e3:.3f}",
                       f"{marginal / r['expert_s']:.1%}",
-                      f"{r['traffic'] / t[kernel] / 1e9:,.0f}"]
+                      f"{r['traffic'] / t[kernel] / 1e9:,.0f}",
+                      f"{(r['saved'][kernel] - r['saved']['gates']) / 2**20:,.2f}"]
         if device.type == "cuda":
             cells += [mib_delta(r["memory"], kernel, "gates") for kernel in kernels]
         body.append(cells)
@@ -786,7 +812,10 @@ def tail_section(rows: list[dict], device: torch.device, kernels: tuple[str, ...
             "estimate of part 3 (what grouped-GEMM experts cost at least). GB/s: the least "
             "traffic of the tail (read the rows, write the gated rows; read the rows and the "
             "output gradient, write the rows' gradient: 5 x T*k*H elements) over the time, to "
-            "set against the device's memory bandwidth.", "",
+            "set against the device's memory bandwidth. Saved MiB: the activation memory L_o "
+            "adds, the distinct storages autograd saves for backward (beyond the rows and gates "
+            "themselves, which the gates save anyway) with L_o minus without; measured the same "
+            "way on every device.", "",
             *table(header, body), ""]
 
 

@@ -4,10 +4,12 @@ Without a GPU the Triton kernel runs under Triton's interpreter (tests/conftest.
 CUDA tensors, compiled.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +136,41 @@ def test_lo_path_never_waits_for_the_gpu(kernel, form):
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe_losses.py"
+    spec = importlib.util.spec_from_file_location("bench_moe_losses", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_activation_memory_lo_saves_for_backward(kernel):
+    """The torch kernel saves the regrouped [T, k, H] copy for backward; the fused kernel saves
+    only the slot map and k x k quantities, nothing that grows with H."""
+    from megatron_patch.moe.losses import projection_norms
+
+    saved_for_backward_bytes = load_benchmark().saved_for_backward_bytes
+    extra = {}
+    for hidden in (64, 256):
+        rows, gates, row_to_token = routed_rows(16, 3, hidden, torch.float32)
+        rows.requires_grad_(True)
+        gates.requires_grad_(True)
+        slots = token_slot_rows(row_to_token, 16, 3)
+
+        def forward():
+            gated, gram = gated_gram(rows, gates, slots, kernel=kernel)
+            return gated, projection_norms(gram).sum()
+
+        extra[hidden] = saved_for_backward_bytes(forward, [rows, gates])
+    copy_growth = 48 * (256 - 64) * 4  # one more [T*k, H] float32 copy
+    if kernel == "torch":
+        assert extra[256] - extra[64] == copy_growth
+    else:
+        assert extra[256] == extra[64]
 
 
 COMPILE_FOR_H100 = textwrap.dedent("""
