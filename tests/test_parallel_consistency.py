@@ -89,13 +89,12 @@ def test_strong_specialization_losses_match_single_device(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo CPU run; tests/test_gated_gram.py on CUDA")
-def test_fused_triton_kernel_under_tp_ep_sp_matches_single_device_torch(
-    strong_baseline: Result,
-) -> None:
-    """The fused gates + Gram kernel (Triton's interpreter on CPU) under TP2 x EP2 with SP: the
-    same losses and gradients as the torch kernel in one process."""
-    fused = {**STRONG_LOSSES, "moe_ortho_loss_kernel": "triton"}
-    _assert_consistent(_run(parse_layout("tp2ep2etp1sp"), fused), strong_baseline)
+def test_fused_kernel_and_normalized_lo_under_tp_ep_sp_match_single_device() -> None:
+    """The fused gates + Gram kernel (Triton's interpreter on CPU) computing the scale-free L_o
+    under TP2 x EP2 with SP: the same losses and gradients as the torch kernel in one process."""
+    normalized = {**STRONG_LOSSES, "moe_ortho_loss_normalize": True}
+    fused = {**normalized, "moe_ortho_loss_kernel": "triton"}
+    _assert_consistent(_run(parse_layout("tp2ep2etp1sp"), fused), _run(BASELINE, normalized))
 
 
 def test_compare_flags_perturbed_gradient(baseline: Result) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from megatron_patch.moe.gated_gram import triton_kernel_problem  # noqa: E402
 from megatron_patch.parallel_check.compare import (  # noqa: E402
     Tolerance,
     compare,
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         make_config(model_args, BASELINE)
     except (ValueError, AssertionError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.moe_ortho_loss_kernel == "triton" and (problem := triton_kernel_problem()):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     batch = make_global_batch(args.global_batch_size, args.seq_length, args.vocab_size, args.seed)
     tolerance = Tolerance(rtol=args.rtol, atol=args.atol)
