@@ -128,12 +128,22 @@ def test_torchrun_launcher_ep2_and_reshard_to_one_process(tiny_data, tmp_path):
     assert "iterations      : 5" in out.stdout
 
 
-def test_checkpoint_of_another_shape_fails_before_loading(tiny_data, tmp_path):
+def test_checkpoint_of_another_shape_or_layout_fails_before_loading(tiny_data, tmp_path):
     pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "2", "--save", str(tmp_path)])
     proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "4", "--load", str(tmp_path),
                                                     "--num-experts", "8"], check=False)
     assert proc.returncode == 2
     assert "--num-experts: checkpoint 4, this run 8" in proc.stderr
+    # A checkpoint whose common state lacks an entry loading relies on (an older layout).
+    common_file = tmp_path / "iter_0000002" / "common.pt"
+    common = torch.load(common_file, weights_only=False)
+    del common["num_optimizers"]
+    torch.save(common, common_file)
+    proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "4", "--load", str(tmp_path)],
+                    check=False)
+    assert proc.returncode == 2
+    assert "lacks num_optimizers in its common state" in proc.stderr
+    assert "new --save/--load directory" in proc.stderr
 
 
 def test_nan_loss_is_reported_with_step_and_layer(tiny_data, tmp_path):

@@ -196,6 +196,24 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# Entries of the common state that loading relies on ("orthogonal_optimizer_state" and "args"
+# came later and have defaults).
+REQUIRED_COMMON = ("iteration", "consumed_samples", "signature", "world_size", "num_optimizers")
+
+
+def check_common_state(common: dict[str, Any], where: Path) -> None:
+    """Raise CheckpointMismatchError if the checkpoint's common state lacks what loading needs:
+    a checkpoint written by an earlier layout of this package (or by another tool)."""
+    missing = [key for key in REQUIRED_COMMON if key not in common]
+    if missing:
+        raise CheckpointMismatchError(
+            f"checkpoint {where} lacks {', '.join(missing)} in its common state: it was not "
+            "written by this version of megatron_patch's pretraining (its optimizer-state layout "
+            "may differ too). Resume it with the version that wrote it, or start this run in a "
+            "new --save/--load directory."
+        )
+
+
 def check_signature(saved: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
     """Raise CheckpointMismatchError naming every differing shape flag."""
     diffs = [
@@ -232,6 +250,7 @@ def load_checkpoint(
         return 0, 0
     where = checkpoint_path(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(where))
+    check_common_state(common, where)
     check_signature(common["signature"], signature, where)
     same_world = common["world_size"] == dist.get_world_size()
     # Expert parallelism on one side only changes how megatron splits the optimizer into dense and
