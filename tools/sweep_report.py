@@ -109,7 +109,8 @@ def write_report(points: list[dict], rows: list[dict], out: Path, command: str,
         f"Model: {model['num_layers']} layers, hidden {model['hidden_size']}, {model['num_experts']} "
         f"experts, top-{model['topk']}; {', '.join(map(str, first['iterations']))} training steps; "
         f"preset `{first['preset']}`. beta = 0 is variant a (aux loss only); every other point is "
-        "variant b (+ L_o, span form) with that beta. Machine: "
+        "variant b (+ L_o, span form, and any pretraining flags after `--` in the command "
+        "below) with that beta. Machine: "
         f"{first['machine'].get('cpu')}, {first['machine'].get('cpu_count')} cores, torch "
         f"{first['machine'].get('torch')}.",
         "", "Command:", "", "```bash", command, "```", "",
