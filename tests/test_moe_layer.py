@@ -113,6 +113,25 @@ def test_ortho_loss_gradient_matches_reference_and_skips_router(single_process_m
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_shared_experts_are_added_outside_the_ortho_loss(single_process_megatron):
+    """DeepSeek-style shared experts (the GPU presets use them): the layer output is the routed
+    combination plus the shared experts' output, L_o covers only the routed experts' outputs, and
+    its gradient does not reach the shared experts."""
+    layer = build_layer(make_config(moe_shared_expert_intermediate_size=12,
+                                    moe_var_loss_coeff=0.0))
+    assert layer.use_shared_expert
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    clear_aux_losses_tracker()
+    out, _ = layer(x)
+    ref_out, chosen, _ = reference(layer, x)
+    shared = layer.shared_experts(x)
+    torch.testing.assert_close(out, ref_out + shared, rtol=1e-5, atol=1e-6)
+    assert tracked("ortho_loss") == pytest.approx(orthogonality_loss(chosen).item(), rel=1e-5)
+    (out * 0).sum().backward()  # only the attached L_o produces gradients
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in layer.shared_experts.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in layer.experts.parameters())
+
+
 def test_var_loss_reaches_only_the_router(single_process_megatron):
     layer = build_layer(make_config(moe_ortho_loss_coeff=0.0))
     x = torch.randn(SEQ, BATCH, HIDDEN, requires_grad=True)
