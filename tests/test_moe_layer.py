@@ -190,6 +190,32 @@ def test_auto_coefficients_calibrate_to_powers_of_ten_and_round_trip(single_proc
     fresh(x)  # trains without recalibrating
 
 
+@pytest.mark.parametrize(
+    "wanted, saved, fresh, expected",
+    [
+        (0.5, 0.0, False, 0.5),  # a fixed flag replaces the checkpoint's value
+        ("auto", "auto", False, 0.01),  # a resumed 'auto' run keeps its calibrated value
+        ("auto", 0.01, False, math.nan),  # the checkpoint's value was not calibrated: calibrate
+        ("auto", "auto", True, math.nan),  # --finetune calibrates on the new data
+        ("auto", None, False, math.nan),  # unknown origin: calibrate
+    ],
+)
+def test_coefficients_after_a_checkpoint_load_follow_this_runs_flags(
+    single_process_megatron, wanted, saved, fresh, expected
+):
+    from megatron_patch.moe.calibration import reconcile_coefficients
+
+    layer = build_layer(make_config(moe_ortho_loss_coeff=wanted, moe_var_loss_coeff=0.0))
+    layer.ortho_loss_coeff.fill_(0.01)  # the loaded value
+    saved_args = None if saved is None else {"moe_ortho_loss_coeff": saved,
+                                              "moe_var_loss_coeff": 0.0}
+    messages = reconcile_coefficients(layer, layer.config, saved_args, fresh)
+    value = layer.ortho_loss_coeff.item()
+    assert math.isnan(value) if math.isnan(expected) else value == pytest.approx(expected)
+    changed = [m for m in messages if m.startswith("--moe-ortho-loss-coeff")]
+    assert len(changed) == (0 if value == pytest.approx(0.01) else 1)
+
+
 @pytest.mark.parametrize("pad,kernel", [(False, "torch"), (True, "torch"),
                                         pytest.param(False, "triton", marks=TRITON.marks)])
 def test_capacity_dropping_counts_only_kept_slots(single_process_megatron, pad, kernel):

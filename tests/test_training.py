@@ -146,6 +146,28 @@ def test_checkpoint_of_another_shape_or_layout_fails_before_loading(tiny_data, t
     assert "new --save/--load directory" in proc.stderr
 
 
+def test_finetune_adds_losses_to_a_pretrained_model_and_resumes_itself(tiny_data, tmp_path):
+    """Post-training: the checkpoint's weights only, iteration 0, this run's coefficients (the
+    checkpoint's 0 must not silently switch L_o off); relaunched, it resumes its own checkpoint."""
+    pretrained, tuned = tmp_path / "pretrained", tmp_path / "tuned"
+    pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "2", "--moe-ortho-loss-coeff", "0",
+                                             "--save", str(pretrained)])
+    finetune = TINY + data_flags(tiny_data) + [
+        "--load", str(pretrained), "--finetune", "--save", str(tuned),
+        "--moe-ortho-loss-coeff", "0.1", "--moe-var-loss-coeff", "auto"]
+    out = pretrain(finetune + ["--train-iters", "2"]).stdout
+    assert "iter_0000002: fine-tuning from its weights, at iteration 0" in out
+    assert "--moe-ortho-loss-coeff 0.1: replaces the checkpoint's 0" in out
+    assert "--moe-var-loss-coeff auto: replaces the checkpoint's 0.1 (calibrated" in out
+    assert "calibrated coefficients at iteration 0: {'var_loss':" in out
+    assert [it for it, _ in train_losses(tuned)] == [1, 2]
+    out = pretrain(finetune + ["--train-iters", "3"]).stdout
+    assert "already holds this run's checkpoints" in out
+    assert "resuming at iteration 2" in out
+    assert "calibrated coefficients" not in out and "replaces" not in out
+    assert [it for it, _ in train_losses(tuned)] == [1, 2, 3]
+
+
 def test_nan_loss_is_reported_with_step_and_layer(tiny_data, tmp_path):
     proc = pretrain(TINY + data_flags(tiny_data) + [
         "--train-iters", "6", "--lr", "1e30", "--clip-grad", "0", "--lr-warmup-iters", "0"],
@@ -195,6 +217,7 @@ def test_flag_validation_without_processes(tmp_path, monkeypatch):
         (["--moe-loss-calibration-iters", "5"], "needs an 'auto'"),
         (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 must be <= --lr 0.0001"),
         (["--moe-identical-expert-init", "--moe-grouped-gemm"], "drop --moe-grouped-gemm"),
+        (["--finetune"], "--finetune needs --load"),
         (["--moe-ortho-loss-coeff", "auto", "--moe-loss-calibration-iters", "5",
           "--train-iters", "5"], r"in \[1, --train-iters 5\)"),
         (["--moe-orthogonal-optimizer", "--moe-orthogonal-subspace", "representations",

@@ -24,7 +24,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from megatron_patch.moe.coefficients import ORTHO_LOSS_NAME, VAR_LOSS_NAME, recording_only
-from megatron_patch.moe.config import SpecializationConfig
+from megatron_patch.moe.config import AUTO, SpecializationConfig
 from megatron_patch.moe.layer import SpecializationMoELayer
 from megatron_patch.moe.router import SpecializationRouter
 
@@ -51,6 +51,51 @@ def _coefficient_buffers(modules: Modules) -> dict[str, list[torch.Tensor]]:
             elif isinstance(module, SpecializationMoELayer):
                 buffers[ORTHO_LOSS_NAME].append(module.ortho_loss_coeff)
     return buffers
+
+
+def reconcile_coefficients(
+    modules: Modules, config: SpecializationConfig, saved_args: Optional[dict], fresh: bool
+) -> list[str]:
+    """After a checkpoint load: make the coefficient buffers follow this run's flags.
+
+    The loaded buffers hold the checkpoint's coefficients. A fixed coefficient on this run's
+    command line replaces them (post-training adds or changes a loss on a pretrained model); an
+    ``"auto"`` one keeps a value the checkpoint's own run calibrated (a resumed run does not
+    recalibrate), and is calibrated anew on this run's data when the checkpoint's run used a fixed
+    value, when its flags are unknown, or when ``fresh`` (``--finetune``).
+
+    Args:
+        modules: this rank's model chunks.
+        config: this run's specialization settings.
+        saved_args: the checkpoint's run flags (``vars(args)``), or None.
+        fresh: fine-tuning: never keep a calibrated value.
+
+    Returns:
+        One line per coefficient whose value changed (identical on every rank).
+    """
+    flags = {
+        ORTHO_LOSS_NAME: ("--moe-ortho-loss-coeff", "moe_ortho_loss_coeff"),
+        VAR_LOSS_NAME: ("--moe-var-loss-coeff", "moe_var_loss_coeff"),
+    }
+    messages = []
+    for name, buffers in _coefficient_buffers(modules).items():
+        flag, field = flags[name]
+        wanted = getattr(config, field)
+        saved = None if saved_args is None else saved_args.get(field)
+        if wanted == AUTO and saved == AUTO and not fresh:
+            continue
+        value = float("nan") if wanted == AUTO else float(wanted)
+        for buffer in buffers:
+            target = torch.full_like(buffer, value)
+            if not torch.equal(buffer.isnan(), target.isnan()) or not torch.equal(
+                buffer.nan_to_num(), target.nan_to_num()
+            ):
+                messages.append(
+                    f"{flag} {wanted}: replaces the checkpoint's {buffer.item():g}"
+                    + (" (calibrated on this run's data)" if wanted == AUTO else "")
+                )
+            buffer.copy_(target)
+    return sorted(set(messages))
 
 
 def needs_calibration(modules: Modules) -> bool:

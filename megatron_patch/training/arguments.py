@@ -143,6 +143,10 @@ def _add_checkpoint_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="checkpoint directory to resume from")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: take the checkpoint's model weights only and start at "
+                   "iteration 0 with a fresh optimizer, LR schedule and data position (post-"
+                   "training); 'auto' loss coefficients are calibrated anew")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept on disk")
     g.add_argument("--exit-interval", type=int, default=None,
@@ -294,6 +298,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         )
     if args.moe_router_topk > args.num_experts:
         raise ArgumentError("--moe-router-topk cannot exceed --num-experts")
+    if args.finetune and args.load is None:
+        raise ArgumentError("--finetune needs --load: the checkpoint whose weights to start from")
     if args.load is None and args.save is None and args.save_interval:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.data_path is None:

@@ -13,7 +13,9 @@ save therefore leaves the previous checkpoint and the ``latest`` pointer untouch
 A checkpoint holds the model (including the calibrated L_o / L_v coefficients and the router's
 expert bias, which are module buffers), the optimizer (reshardable), the LR scheduler, the
 iteration and consumed samples (the data position), the model signature (checked before any tensor
-is loaded) and the per-rank RNG states (restored when the world size is unchanged).
+is loaded) and the per-rank RNG states (restored when the world size is unchanged). With
+``finetune`` only the model is restored and training starts at iteration 0 (Megatron's
+``--finetune``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import random
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -229,6 +232,16 @@ def check_signature(saved: dict[str, Any], expected: dict[str, Any], where: Path
         )
 
 
+@dataclass
+class Restored:
+    """What ``load_checkpoint`` restored: where training continues, and the saved run's flags."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    saved_args: Optional[dict[str, Any]] = None
+    path: Optional[Path] = None
+
+
 def load_checkpoint(
     root: str,
     model: list[torch.nn.Module],
@@ -236,22 +249,34 @@ def load_checkpoint(
     scheduler: OptimizerParamScheduler,
     *,
     signature: dict[str, Any],
-) -> tuple[int, int]:
+    finetune: bool = False,
+) -> Restored:
     """Collective: restore the newest checkpoint under ``root``.
 
+    Args:
+        finetune: restore the model only (weights and buffers); the optimizer, LR schedule, data
+            position and RNG start fresh, at iteration 0.
+
     Returns:
-        (iteration, consumed_samples) of the checkpoint; (0, 0) if ``root`` holds none.
+        The iteration and consumed samples to continue from (0 with ``finetune``, or when
+        ``root`` holds no checkpoint), and the checkpoint's run flags.
 
     Raises:
         CheckpointMismatchError: another model shape, before any tensor is read.
     """
     iteration = latest_iteration(root)
     if iteration is None:
-        return 0, 0
+        return Restored()
     where = checkpoint_path(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(where))
     check_common_state(common, where)
     check_signature(common["signature"], signature, where)
+    if finetune:
+        state = dist_checkpointing.load(
+            {"model": _unwrap(model[0]).sharded_state_dict()}, str(where)
+        )
+        _unwrap(model[0]).load_state_dict(state["model"])
+        return Restored(saved_args=common.get("args"), path=where)
     same_world = common["world_size"] == dist.get_world_size()
     # Expert parallelism on one side only changes how megatron splits the optimizer into dense and
     # expert parts; their states cannot be mapped onto each other.
@@ -282,4 +307,4 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     if same_world:
         _set_rng_state(state["rng_state"])
-    return common["iteration"], common["consumed_samples"]
+    return Restored(common["iteration"], common["consumed_samples"], common.get("args"), where)

@@ -23,7 +23,11 @@ from megatron.core import parallel_state
 from megatron_patch.data.datasets import build_train_valid_datasets
 from megatron_patch.data.validation import DataError
 from megatron_patch.data.tokenizer import load_tokenizer
-from megatron_patch.moe.calibration import calibrate_coefficients, needs_calibration
+from megatron_patch.moe.calibration import (
+    calibrate_coefficients,
+    needs_calibration,
+    reconcile_coefficients,
+)
 from megatron_patch.moe.coefficients import recording_only
 from megatron_patch.moe.config import SpecializationConfigError
 from megatron_patch.moe.metrics import enable_routing_stats, reduce_routing_stats
@@ -35,6 +39,7 @@ from megatron_patch.optimizer.orthogonal import (
 from megatron_patch.training.arguments import ArgumentError, parse_args
 from megatron_patch.training.checkpointing import (
     CheckpointMismatchError,
+    latest_iteration,
     load_checkpoint,
     model_signature,
     save_checkpoint,
@@ -141,10 +146,24 @@ def train(args: argparse.Namespace) -> dict:
         optimizer = OrthogonalExpertOptimizer(
             optimizer, model, OrthogonalOptimizerConfig.from_args(args)
         )
-    iteration, consumed = 0, 0
-    if args.load:
-        iteration, consumed = load_checkpoint(
-            args.load, model, optimizer, scheduler, signature=signature
+    iteration, consumed, load_messages = 0, 0, []
+    load_dir, finetune = args.load, args.finetune
+    if finetune and args.save and latest_iteration(args.save) is not None:
+        # A fine-tuning job that was interrupted: continue it rather than start it again.
+        load_dir, finetune = args.save, False
+        load_messages.append(f"--finetune: --save {args.save} already holds this run's "
+                             "checkpoints; resuming them instead of starting again from --load")
+    if load_dir:
+        restored = load_checkpoint(
+            load_dir, model, optimizer, scheduler, signature=signature, finetune=finetune
+        )
+        iteration, consumed = restored.iteration, restored.consumed_samples
+        if restored.path is not None:
+            start = "fine-tuning from its weights, at iteration 0" if finetune else (
+                f"resuming at iteration {iteration}")
+            load_messages.append(f"loaded {restored.path}: {start}")
+        load_messages += reconcile_coefficients(
+            model, config, restored.saved_args, fresh=finetune
         )
     if args.moe_orthogonal_optimizer:
         optimizer.start_at(iteration)
@@ -156,6 +175,8 @@ def train(args: argparse.Namespace) -> dict:
         cache_path=args.data_cache_path, is_built_on_rank=lambda: True,
     )
     logger = MetricsLogger(args, iteration)
+    for line in load_messages:
+        logger.message(line)
     uncalibrated = _any_rank(needs_calibration(model), device)
     enable_routing_stats(config.num_layers, config.num_moe_experts, device)
     tokens_per_step = args.global_batch_size * args.seq_length
