@@ -128,27 +128,11 @@ def test_torchrun_launcher_ep2_and_reshard_to_one_process(tiny_data, tmp_path):
     assert "iterations      : 5" in out.stdout
 
 
-def test_checkpoint_of_another_shape_or_layout_fails_before_loading(tiny_data, tmp_path):
-    pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "2", "--save", str(tmp_path)])
-    proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "4", "--load", str(tmp_path),
-                                                    "--num-experts", "8"], check=False)
-    assert proc.returncode == 2
-    assert "--num-experts: checkpoint 4, this run 8" in proc.stderr
-    # A checkpoint whose common state lacks an entry loading relies on (an older layout).
-    common_file = tmp_path / "iter_0000002" / "common.pt"
-    common = torch.load(common_file, weights_only=False)
-    del common["num_optimizers"]
-    torch.save(common, common_file)
-    proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "4", "--load", str(tmp_path)],
-                    check=False)
-    assert proc.returncode == 2
-    assert "lacks num_optimizers in its common state" in proc.stderr
-    assert "new --save/--load directory" in proc.stderr
-
-
-def test_finetune_adds_losses_to_a_pretrained_model_and_resumes_itself(tiny_data, tmp_path):
-    """Post-training: the checkpoint's weights only, iteration 0, this run's coefficients (the
-    checkpoint's 0 must not silently switch L_o off); relaunched, it resumes its own checkpoint."""
+def test_finetune_and_checkpoints_of_another_shape_or_layout(tiny_data, tmp_path):
+    """Post-training from a pretrained checkpoint: its weights only, iteration 0, this run's
+    coefficients (a checkpoint's value must not silently override a new fixed one); relaunched,
+    the job resumes its own checkpoint. A checkpoint of another shape or metadata layout fails
+    before loading, naming the fix."""
     pretrained, tuned = tmp_path / "pretrained", tmp_path / "tuned"
     pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "2", "--moe-ortho-loss-coeff", "0",
                                              "--save", str(pretrained)])
@@ -166,6 +150,22 @@ def test_finetune_adds_losses_to_a_pretrained_model_and_resumes_itself(tiny_data
     assert "resuming at iteration 2" in out
     assert "calibrated coefficients" not in out and "replaces" not in out
     assert [it for it, _ in train_losses(tuned)] == [1, 2, 3]
+
+    proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "4", "--load",
+                                                    str(pretrained), "--num-experts", "8"],
+                    check=False)
+    assert proc.returncode == 2
+    assert "--num-experts: checkpoint 4, this run 8" in proc.stderr
+    # A checkpoint whose common state lacks an entry loading relies on (an older layout).
+    common_file = pretrained / "iter_0000002" / "common.pt"
+    common = torch.load(common_file, weights_only=False)
+    del common["num_optimizers"]
+    torch.save(common, common_file)
+    proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "4", "--load",
+                                                    str(pretrained)], check=False)
+    assert proc.returncode == 2
+    assert "lacks num_optimizers in its common state" in proc.stderr
+    assert "new --save/--load directory" in proc.stderr
 
 
 def test_nan_loss_is_reported_with_step_and_layer(tiny_data, tmp_path):
