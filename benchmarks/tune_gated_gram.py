@@ -111,15 +111,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         if f"triton {default.block_h} x {default.num_warps}w (default)" not in variants:
             variants[f"triton {default.block_h} x {default.num_warps}w (default)"] = (
                 functools.partial(triton_gated_gram, launch=default))
-        gates_ms = None
+        times = {}
         for label, kernel in variants.items():
-            ms = median_ms(functools.partial(step, rows, gates, slots, grad, kernel), device,
-                           reps, warmup)
-            gates_ms = ms if kernel is None else gates_ms
-            marginal = "" if kernel is None else f"{ms - gates_ms:.3f}"
-            lines.append(f"| {hidden} | {topk} | {tokens} | {label} | {ms:.3f} | "
+            times[label] = median_ms(functools.partial(step, rows, gates, slots, grad, kernel),
+                                     device, reps, warmup)
+            print(f"{hidden} {topk} {tokens} {label}: {times[label]:.3f} ms", file=sys.stderr,
+                  flush=True)
+        best = min((label for label in times if label.startswith("triton")), key=times.get)
+        for label, ms in times.items():
+            marginal = "" if label == "gates alone" else f"{ms - times['gates alone']:.3f}"
+            mark = " **fastest triton**" if label == best else ""
+            lines.append(f"| {hidden} | {topk} | {tokens} | {label}{mark} | {ms:.3f} | "
                          f"{traffic / ms / 1e6:,.0f} | {marginal} |")
-            print(lines[-1], file=sys.stderr, flush=True)
         del rows, gates, slots, grad
     markdown = "\n".join(lines) + "\n"
     if args.output:
