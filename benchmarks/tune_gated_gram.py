@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,9 +23,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_moe_losses import LayerSize, median_times, tail_inputs  # noqa: E402
 
 from megatron_patch.moe.gated_gram import apply_gates, gated_gram, triton_kernel_problem  # noqa: E402
-from megatron_patch.moe.grouping import token_slot_rows  # noqa: E402
 
 # (H, k, T): DeepSeek-MoE-16B-like, Mixtral-like, DeepSeek-V3-like.
 SIZES = ((2048, 6, 16384), (4096, 2, 8192), (7168, 8, 4096))
@@ -35,33 +35,6 @@ SMOKE_SIZES = ((40, 3, 16), (64, 2, 8))
 BLOCK_H = (64, 128, 256, 512)
 NUM_WARPS = (4, 8)
 MAX_PRODUCTS = 16384  # largest [SLOTS, SLOTS, BLOCK_H] float32 block one program may hold
-
-
-def median_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def tail_inputs(hidden: int, topk: int, tokens: int, device: torch.device):
-    gen = torch.Generator(device).manual_seed(0)
-    num_rows = tokens * topk
-    row_to_token = torch.arange(tokens, device=device).repeat_interleave(topk)
-    row_to_token = row_to_token[torch.randperm(num_rows, generator=gen, device=device)]
-    slots = token_slot_rows(row_to_token, tokens, topk)
-    rows = torch.randn(num_rows, hidden, generator=gen, device=device).bfloat16()
-    gates = torch.rand(num_rows, generator=gen, device=device)
-    grad = torch.randn(num_rows, hidden, generator=gen, device=device).bfloat16()
-    return rows.requires_grad_(True), gates.requires_grad_(True), slots, grad
 
 
 def step(rows, gates, slots, grad, kernel: Optional[Callable]) -> None:
@@ -92,7 +65,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              "| H | k | T | variant | ms | GB/s | marginal over gates ms |",
              "|---|---|---|---|---|---|---|"]
     for hidden, topk, tokens in sizes:
-        rows, gates, slots, grad = tail_inputs(hidden, topk, tokens, device)
+        size = LayerSize(hidden=hidden, ffn=0, experts=0, topk=topk, tokens=tokens)
+        rows, gates, slots, grad = tail_inputs(size, torch.bfloat16, device)
         traffic = 5 * rows.numel() * rows.element_size()
         variants: dict[str, Optional[Callable]] = {
             "gates alone": None,
@@ -111,12 +85,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if f"triton {default.block_h} x {default.num_warps}w (default)" not in variants:
             variants[f"triton {default.block_h} x {default.num_warps}w (default)"] = (
                 functools.partial(triton_gated_gram, launch=default))
-        times = {}
-        for label, kernel in variants.items():
-            times[label] = median_ms(functools.partial(step, rows, gates, slots, grad, kernel),
-                                     device, reps, warmup)
-            print(f"{hidden} {topk} {tokens} {label}: {times[label]:.3f} ms", file=sys.stderr,
-                  flush=True)
+        seconds = median_times(
+            {label: functools.partial(step, rows, gates, slots, grad, kernel)
+             for label, kernel in variants.items()}, device, reps, warmup)
+        times = {label: value * 1e3 for label, value in seconds.items()}
+        print(f"{hidden} {topk} {tokens}: {times}", file=sys.stderr, flush=True)
         best = min((label for label in times if label.startswith("triton")), key=times.get)
         for label, ms in times.items():
             marginal = "" if label == "gates alone" else f"{ms - times['gates alone']:.3f}"

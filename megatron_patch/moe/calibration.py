@@ -87,9 +87,7 @@ def reconcile_coefficients(
         value = float("nan") if wanted == AUTO else float(wanted)
         for buffer in buffers:
             target = torch.full_like(buffer, value)
-            if not torch.equal(buffer.isnan(), target.isnan()) or not torch.equal(
-                buffer.nan_to_num(), target.nan_to_num()
-            ):
+            if not torch.allclose(buffer, target, rtol=0.0, atol=0.0, equal_nan=True):
                 messages.append(
                     f"{flag} {wanted}: replaces the checkpoint's {buffer.item():g}"
                     + (" (calibrated on this run's data)" if wanted == AUTO else "")

@@ -14,15 +14,18 @@ class TokenSlots:
 
     rows: [T, k] int64; token t's row indices in slots 0..n_t-1, in the rows' original relative
         order, and -1 in the remaining slots (a token that lost experts to capacity dropping).
-    filled: [T, k] bool, the slots that hold a row (``rows >= 0``).
     dense: every slot is filled (dropless routing), known without a device sync.
     covers_all_rows: every row is in a slot (no ``valid`` mask left capacity padding out).
     """
 
     rows: torch.Tensor
-    filled: torch.Tensor
     dense: bool
     covers_all_rows: bool
+
+    @property
+    def filled(self) -> torch.Tensor:
+        """[T, k] bool, the slots that hold a row."""
+        return self.rows >= 0
 
 
 def token_slot_rows(
@@ -48,8 +51,7 @@ def token_slot_rows(
     if valid is None and num_rows == num_tokens * topk:
         # Dropless routing: every token has exactly k rows.
         slot_rows = torch.argsort(row_to_token, stable=True).view(num_tokens, topk)
-        filled = torch.ones(num_tokens, topk, dtype=torch.bool, device=device)
-        return TokenSlots(slot_rows, filled, dense=True, covers_all_rows=True)
+        return TokenSlots(slot_rows, dense=True, covers_all_rows=True)
     row_ids = torch.arange(num_rows, device=device)
     if valid is not None:
         row_ids = row_ids[valid]
@@ -61,7 +63,7 @@ def token_slot_rows(
     slots = torch.arange(order.shape[0], device=device) - starts.index_select(0, sorted_tokens)
     slot_rows = torch.full((num_tokens, topk), -1, dtype=torch.int64, device=device)
     slot_rows[sorted_tokens, slots] = row_ids.index_select(0, order)
-    return TokenSlots(slot_rows, slot_rows >= 0, dense=False, covers_all_rows=valid is None)
+    return TokenSlots(slot_rows, dense=False, covers_all_rows=valid is None)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -92,6 +94,6 @@ def gather_slots(rows: torch.Tensor, slots: TokenSlots) -> torch.Tensor:
     num_tokens, topk = slots.rows.shape
     if slots.dense:  # the slot map is a permutation of the rows
         return _PermuteRows.apply(rows, slots.rows.reshape(-1)).view(num_tokens, topk, -1)
+    filled = slots.filled
     grouped = rows.new_zeros(num_tokens, topk, rows.shape[1])
-    return grouped.index_put((slots.filled,), rows.index_select(0, slots.rows[slots.filled]))
-
+    return grouped.index_put((filled,), rows.index_select(0, slots.rows[filled]))

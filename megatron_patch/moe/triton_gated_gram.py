@@ -144,14 +144,12 @@ class _GatedGram(torch.autograd.Function):
         rows, gates, slot_rows = ctx.saved_tensors
         num_tokens, topk = slot_rows.shape
         hidden = rows.shape[1]
-        grad_gated = torch.zeros_like(rows) if grad_gated is None else grad_gated.contiguous()
-        if grad_gram is None:
-            grad_gram = torch.zeros(num_tokens, topk, topk, dtype=torch.float32, device=rows.device)
+        # Autograd materializes an unused output's gradient as zeros: neither is None.
         grad_rows = torch.empty_like(rows)
         grad_gates = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
         if num_tokens > 0:
             _gated_gram_backward[(num_tokens,)](
-                rows, gates, slot_rows, grad_gated, grad_gram.contiguous(), grad_rows,
+                rows, gates, slot_rows, grad_gated.contiguous(), grad_gram.contiguous(), grad_rows,
                 grad_gates, hidden,
                 TOPK=topk, SLOTS=triton.next_power_of_2(topk), BLOCK_H=ctx.launch.block_h,
                 num_warps=ctx.launch.num_warps,
