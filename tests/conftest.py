@@ -4,7 +4,6 @@ Without a GPU, Triton kernels run under Triton's interpreter (set before triton 
 """
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -16,28 +15,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def single_process_megatron():
     """One gloo process with megatron-core's parallel state initialised (all sizes 1)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_patch.cpu_compat import apply_cpu_gloo_patches
+    from megatron_patch.distributed import Layout, init_model_parallel, init_world
 
-    apply_cpu_gloo_patches()
-    if not dist.is_initialized():
-        # An explicit init_method: MASTER_PORT in os.environ would leak into subprocesses.
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1234)
+    init_world("gloo", rank=0, world_size=1)
+    init_model_parallel(Layout(), seed=1234)
     yield
     parallel_state.destroy_model_parallel()
 

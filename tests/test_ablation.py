@@ -10,10 +10,21 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+from megatron_patch.analysis.ablation import aggregate, find_seeds
+from megatron_patch.analysis.ablation_report import AblationSetup, write_report
+from megatron_patch.analysis.reporting import ReportError
+from megatron_patch.analysis.variants import VARIANTS, VariantValues, variant_flags
+from megatron_patch.analysis.variants import main as print_flags
+from megatron_patch.distributed import free_port
 
-import ablation_report  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _report(runs: Path, out: Path, variants: str, seeds: str = "", **setup) -> None:
+    """What tools/ablation_report.py does, without plots."""
+    seed_list = seeds.split() if seeds else find_seeds(runs)
+    agg = aggregate(runs, variants.split(), seed_list)
+    write_report(agg, AblationSetup(**setup), variants.split(), seed_list, out, plots=False)
 
 
 def _fake_run(root: Path, name: str, valid_loss: float, overlap: float, steps: int = 20):
@@ -52,9 +63,7 @@ def test_report_statistics_on_hand_made_runs(tmp_path):
     _fake_run(runs, "b_seed2", 4.0, 0.3)  # b_seed3 and a_seed3 never finished
     (runs / "b_seed3").mkdir()
     out = tmp_path / "report"
-    assert ablation_report.main(["--runs-dir", str(runs), "--output-dir", str(out),
-                                 "--variants", "a b", "--seeds", "1 2 3", "--no-plots",
-                                 "--command", "my command"]) == 0
+    _report(runs, out, "a b", "1 2 3", command="my command")
     result = json.loads((out / "results.json").read_text())
     a = result["summary"]["a"]["stats"]
     assert a["valid_loss"]["mean"] == pytest.approx(3.5)
@@ -75,10 +84,8 @@ def test_report_statistics_on_hand_made_runs(tmp_path):
 
 def test_smoke_ablation_end_to_end(tiny_data, tmp_path):
     pytest.importorskip("matplotlib")
-    from conftest import _free_port
-
     out = tmp_path / "report"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
            "DATA_PATH": tiny_data.train, "VALID_DATA_PATH": tiny_data.valid,
            "TOKENIZER_MODEL": tiny_data.tokenizer, "PYTHON": sys.executable}
     proc = subprocess.run(
@@ -105,25 +112,64 @@ def test_smoke_ablation_end_to_end(tiny_data, tmp_path):
     command = (tmp_path / "runs" / "h_seed1" / "command.txt").read_text()
     assert "--moe-orthogonal-optimizer --moe-orthogonal-subspace representations" in command
     assert "--moe-ortho-loss-coeff 0 --moe-var-loss-coeff 0" in command
+    # Every run trained the flags of its variant in the library's table, with the values the
+    # report records (calibration iters: the script's default; variants a and h do not use it).
+    coefficients = dict(item.split("=") for item in result["coefficients"].split())
+    values = VariantValues(beta=coefficients["beta"], beta_pairwise=coefficients["beta_pairwise"],
+                           gamma=coefficients["gamma"], omoe=result["omoe_flags"]["f g"],
+                           omoe_repr=result["omoe_flags"]["h"], calibration_iters="50")
+    for v in ("a", "h"):
+        command = (tmp_path / "runs" / f"{v}_seed1" / "command.txt").read_text()
+        assert " ".join(variant_flags(v, values)) + " --seed 1 --no-progress-bar" in command
 
 
-def test_script_passes_shellcheck_and_rejects_bad_input():
-    import shutil
+def test_flags_printer_prints_the_variant_table(capsys):
+    """specialization_ablation.sh trains what `-m megatron_patch.analysis.variants` prints."""
+    values = VariantValues(beta="3", beta_pairwise="4", gamma="0.2", omoe="--x 1",
+                           omoe_repr="--y 2 --z", calibration_iters="7")
+    cli = ["--beta", "3", "--beta-pairwise", "4", "--gamma", "0.2", "--omoe=--x 1",
+           "--omoe-repr=--y 2 --z", "--calibration-iters", "7"]
+    for letter in VARIANTS:
+        assert print_flags([letter, *cli]) == 0
+        assert capsys.readouterr().out.split("\n")[:-1] == variant_flags(letter, values)
+    assert variant_flags("e", values) == ["--moe-ortho-loss-coeff", "4", "--moe-ortho-loss-form",
+                                          "pairwise", "--moe-var-loss-coeff", "0.2"]
+    assert variant_flags("h", values)[-4:] == ["--moe-orthogonal-optimizer", "--y", "2", "--z"]
+    assert variant_flags("i", values)[-2:] == ["--moe-loss-calibration-iters", "7"]
+    assert print_flags(["z", *cli]) == 2
+    assert "unknown variant z" in capsys.readouterr().err
 
+
+def test_metric_labels_cover_the_analysis_metrics():
+    from megatron_patch.analysis.labels import AIMS, LABELS, METRIC_LABELS
+    from megatron_patch.analysis.runner import SCALAR_METRICS
+    from megatron_patch.analysis.ablation import METRICS
+
+    assert list(METRIC_LABELS) == list(SCALAR_METRICS)
+    assert set(METRICS) <= set(LABELS) and set(AIMS) <= set(METRICS)
+
+
+def test_report_rejects_unknown_variants_and_empty_runs(tmp_path):
+    _fake_run(tmp_path / "runs", "a_seed1", 3.0, 0.5)
+    with pytest.raises(ReportError, match="unknown variant z"):
+        _report(tmp_path / "runs", tmp_path / "out", "a z")
+    with pytest.raises(ReportError, match="no finished run"):
+        _report(tmp_path / "runs", tmp_path / "out", "b")
+
+
+def test_script_rejects_bad_input():
+    """(tests/test_packaging.py lints the script with shellcheck.)"""
     script = "examples/pretrain/specialization_ablation.sh"
     proc = subprocess.run(["bash", script, "--variants", "a z"], cwd=REPO, capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "unknown variant z" in proc.stderr
     proc = subprocess.run(["bash", script, "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and "--quick" in proc.stdout
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed")
-    proc = subprocess.run(["shellcheck", script], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout
 
 
 def test_sweep_report_pairs_points_by_seed(tmp_path):
-    import sweep_report
+    from megatron_patch.analysis.sweep import read_point, summarize
+    from megatron_patch.analysis.sweep import write_report as write_sweep
 
     points = []
     for beta, variant, losses, overlaps in (("0", "a", (3.0, 4.0), (0.5, 0.7)),
@@ -132,14 +178,14 @@ def test_sweep_report_pairs_points_by_seed(tmp_path):
         for seed, loss, overlap in zip((1, 2), losses, overlaps):
             _fake_run(runs, f"{variant}_seed{seed}", loss, overlap)
         points.append(tmp_path / f"beta_{beta}")
-        assert ablation_report.main(["--runs-dir", str(runs), "--output-dir", str(points[-1]),
-                                     "--variants", variant, "--no-plots",
-                                     "--coefficients", f"beta={beta} gamma=0.1"]) == 0
+        _report(runs, points[-1], variant, coefficients=f"beta={beta} gamma=0.1")
     out = tmp_path / "sweep"
-    assert sweep_report.main([*map(str, points), "--output-dir", str(out), "--no-plots"]) == 0
+    read = [read_point(point) for point in points]
+    write_sweep(read, summarize(read), out, "sweep command", plots=False)
     rows = json.loads((out / "results.json").read_text())["summary"]
     assert [row["beta"] for row in rows] == [0.0, 0.5]
     assert rows[1]["deltas"]["valid_loss"][0] == pytest.approx(0.3)  # (0.5 + 0.1) / 2
     assert rows[1]["deltas"]["expert_overlap"][0] == pytest.approx(-0.35)
     assert "| 0.5 | 2 | 3.8 ± 0.42 |" in (out / "results.md").read_text()
-    assert sweep_report.main([str(tmp_path / "nowhere"), "--output-dir", str(out)]) == 2
+    with pytest.raises(ReportError, match="results.json is missing"):
+        read_point(tmp_path / "nowhere")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _free_port
+from megatron_patch.distributed import free_port
 
 from megatron_patch.analysis import metrics
 from megatron_patch.analysis.accumulate import LayerAccumulator
@@ -240,7 +240,7 @@ def test_identical_expert_init_under_expert_parallelism(tiny_data, tmp_path):
     """--moe-identical-expert-init with EP=2: all four experts (two per rank) equal expert 0."""
     save = tmp_path / "ckpt"
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-          str(_free_port()), "-m", "megatron_patch.training.pretrain",
+          str(free_port()), "-m", "megatron_patch.training.pretrain",
           "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
           "--ffn-hidden-size", "64", "--num-experts", "4", "--moe-router-topk", "2",
           "--expert-model-parallel-size", "2", "--moe-identical-expert-init",

@@ -195,12 +195,12 @@ def test_token_domains_follow_document_boundaries(work):
 
 
 @pytest.fixture
-def process_group(tmp_path):
+def process_group():
     """A one-process gloo group, unless one exists already."""
+    from megatron_patch.distributed import init_world
+
     created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0,
-                                world_size=1)
+    init_world("gloo", rank=0, world_size=1)
     yield
     if created:
         dist.destroy_process_group()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed  # noqa: E402
 
 from megatron_patch.cpu_compat import use_gloo_for_deepspeed_comm  # noqa: E402
-from megatron_patch.deepspeed import SpecializationMoE, SpecializationSettings  # noqa: E402
+from megatron_patch.deepspeed import SpecializationMoE  # noqa: E402
+from megatron_patch.distributed import free_port  # noqa: E402
+from megatron_patch.flags import ConfigError  # noqa: E402
+from megatron_patch.moe.loss_config import LossConfig  # noqa: E402
 from megatron_patch.moe.losses import orthogonality_loss_per_slot, variance_loss  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +33,15 @@ EXAMPLE_DIR = REPO_ROOT / "examples" / "pretrain" / "deepspeed"
 HIDDEN, NUM_EXPERTS, BETA, GAMMA = 16, 4, 0.5, 2.0
 
 
-def _build_moe(k: int, form: str = "span", ep_size: int = 1, ep_rank: int = 0, **moe_kwargs) -> SpecializationMoE:
+def _build_moe(k: int, form: str = "span", ep_size: int = 1, ep_rank: int = 0, normalize: bool = False,
+               **moe_kwargs) -> SpecializationMoE:
     """The same layer under any EP layout: gate from seed 0, global expert e from seed 100 + e."""
     torch.manual_seed(0)
     expert = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 24), torch.nn.GELU(), torch.nn.Linear(24, HIDDEN))
+    losses = LossConfig(moe_ortho_loss_coeff=BETA, moe_var_loss_coeff=GAMMA, moe_ortho_loss_form=form,
+                        moe_ortho_loss_normalize=normalize)
     moe = SpecializationMoE(HIDDEN, expert, num_experts=NUM_EXPERTS, ep_size=ep_size, k=k,
-                            top2_2nd_expert_sampling=False, ortho_coeff=BETA, var_coeff=GAMMA,
-                            ortho_form=form, **moe_kwargs)
+                            top2_2nd_expert_sampling=False, losses=losses, **moe_kwargs)
     local_experts = moe.deepspeed_moe.experts.deepspeed_experts
     for j, local_expert in enumerate(local_experts):
         generator = torch.Generator().manual_seed(100 + ep_rank * len(local_experts) + j)
@@ -55,7 +59,7 @@ def _inputs(ranks: int, tokens_per_rank: int = 12) -> torch.Tensor:
                          [(2, "span", False), (2, "pairwise", False), (3, "span", False), (3, "span", True)])
 def test_losses_equal_explicit_per_token_reference(k: int, form: str, normalize: bool) -> None:
     """Run every kept (token, expert) pair by hand; dropped routes and capacity padding don't count."""
-    moe = _build_moe(k, form, capacity_factor=1.0, min_capacity=1, ortho_normalize=normalize)
+    moe = _build_moe(k, form, capacity_factor=1.0, min_capacity=1, normalize=normalize)
     layer = moe.deepspeed_moe
     captured = {}
     layer.gate.register_forward_hook(lambda module, args, output: captured.update(gate=output))
@@ -97,31 +101,29 @@ def test_losses_equal_explicit_per_token_reference(k: int, form: str, normalize:
     assert var_grads[0].abs().sum() > 0 and all(g is None for g in var_grads[1:])
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"ortho_coeff": -1.0}, ValueError, "ortho_coeff"),
-    ({"var_coeff": float("nan")}, ValueError, "var_coeff"),
-    ({"var_coeff": "auto"}, TypeError, "var_coeff"),
-    ({"ortho_form": "cosine"}, ValueError, "unknown ortho_form"),
-    ({"ortho_eps": 0.0}, ValueError, "ortho_eps"),
+@pytest.mark.parametrize("kwargs,match", [
+    ({"moe_ortho_loss_coeff": -1.0}, "--moe-ortho-loss-coeff must be a finite number >= 0"),
+    ({"moe_var_loss_coeff": float("nan")}, "--moe-var-loss-coeff"),
+    ({"moe_var_loss_coeff": "auto"}, "fixed coefficients"),
+    ({"moe_ortho_loss_form": "cosine"}, "--moe-ortho-loss-form must be one of"),
+    ({"moe_ortho_loss_eps": 0.0}, "--moe-ortho-loss-eps"),
+    ({"moe_ortho_loss_kernel": "triton"}, "torch kernel"),
 ])
-def test_invalid_settings_are_refused(kwargs: dict, error: type, match: str) -> None:
-    with pytest.raises(error, match=match):
-        SpecializationSettings(**kwargs)
+def test_invalid_settings_are_refused(kwargs: dict, match: str) -> None:
+    expert = torch.nn.Linear(HIDDEN, HIDDEN)
+    with pytest.raises(ConfigError, match=match):
+        SpecializationMoE(HIDDEN, expert, num_experts=NUM_EXPERTS, k=2, losses=LossConfig(**kwargs))
 
 
 def test_ortho_loss_with_top1_is_refused() -> None:
     expert = torch.nn.Linear(HIDDEN, HIDDEN)
-    with pytest.raises(ValueError, match="k >= 2"):
-        SpecializationMoE(HIDDEN, expert, num_experts=NUM_EXPERTS, k=1, ortho_coeff=0.1)
-    moe = SpecializationMoE(HIDDEN, expert, num_experts=NUM_EXPERTS, k=1, var_coeff=0.1)
+    with pytest.raises(ConfigError, match="k >= 2"):
+        SpecializationMoE(HIDDEN, expert, num_experts=NUM_EXPERTS, k=1,
+                          losses=LossConfig(moe_ortho_loss_coeff=0.1))
+    moe = SpecializationMoE(HIDDEN, expert, num_experts=NUM_EXPERTS, k=1,
+                            losses=LossConfig(moe_var_loss_coeff=0.1))
     moe(torch.randn(2, 4, HIDDEN))
     assert moe.specialization_losses.ortho is None and moe.specialization_losses.var < 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _ep_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -157,7 +159,7 @@ def test_expert_parallel_matches_single_process(tmp_path: Path) -> None:
     ranks (gate, layers below) and divided by W for the experts (expert-data-parallel size 1).
     """
     world_size = 2
-    torch.multiprocessing.spawn(_ep_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
+    torch.multiprocessing.spawn(_ep_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
     reference = _build_moe(2, capacity_factor=NUM_EXPERTS)
@@ -195,7 +197,7 @@ def test_example_reports_missing_dataset(tmp_path: Path) -> None:
 def test_example_trains_with_expert_parallelism(tiny_data, tmp_path: Path) -> None:
     """2 processes, EP=2, ZeRO stage 2, through the deepspeed launcher: the LM loss goes down."""
     metrics = tmp_path / "metrics.jsonl"
-    env = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(_free_port()), "NUM_PROCS": "2"}
+    env = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "NUM_PROCS": "2"}
     command = [str(EXAMPLE_DIR / "run_deepspeed.sh"), "--data-prefix", tiny_data.train, "--steps", "12",
                "--log-interval", "1", "--ep-size", "2", "--num-experts", "4", "--seq-length", "32",
                "--hidden-size", "64", "--ffn-hidden-size", "128", "--micro-batch-size", "8", "--lr", "3e-3",

@@ -4,19 +4,19 @@ Without a GPU the Triton kernel runs under Triton's interpreter (tests/conftest.
 CUDA tensors, compiled.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
+from megatron_patch.benchmarks.timing import saved_for_backward_bytes
 from megatron_patch.moe.config import SpecializationConfig, SpecializationConfigError
 from megatron_patch.moe.gated_gram import gated_gram
 from megatron_patch.moe.grouping import token_slot_rows
+from megatron_patch.moe.reference import explicit_gated_gram
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -31,18 +31,6 @@ def routed_rows(num_tokens, topk, hidden, dtype, drop_fraction=0.0, seed=0):
     rows = torch.randn(row_to_token.numel(), hidden, generator=gen).to(dtype)
     gates = torch.rand(row_to_token.numel(), generator=gen)
     return rows.to(DEVICE), gates.to(DEVICE), row_to_token.to(DEVICE)
-
-
-def explicit_gated_gram(rows, gates, row_to_token, num_tokens, topk):
-    """float64 loops: gated rows, and per token the Gram matrix of its rows in row order."""
-    rows64, gates64 = rows.double(), gates.double()
-    gated = rows64 * gates64[:, None]
-    gram = torch.zeros(num_tokens, topk, topk, dtype=torch.float64, device=rows.device)
-    for token in range(num_tokens):
-        mine = rows64[(row_to_token == token).nonzero().flatten()]
-        n = mine.shape[0]
-        gram[token, :n, :n] = mine @ mine.T
-    return gated, gram
 
 
 def test_slot_map_indexes_the_full_rows_with_padding_left_out():
@@ -138,22 +126,12 @@ def test_lo_path_never_waits_for_the_gpu(kernel, form):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe_losses.py"
-    spec = importlib.util.spec_from_file_location("bench_moe_losses", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_activation_memory_lo_saves_for_backward(kernel):
     """The torch kernel saves the regrouped [T, k, H] copy for backward; the fused kernel saves
     only the slot map and k x k quantities, nothing that grows with H."""
     from megatron_patch.moe.losses import projection_norms
 
-    saved_for_backward_bytes = load_benchmark().saved_for_backward_bytes
     extra = {}
     for hidden in (64, 256):
         rows, gates, row_to_token = routed_rows(16, 3, hidden, torch.float32)

@@ -8,42 +8,7 @@ from megatron_patch.moe.losses import (
     orthogonality_loss_per_slot,
     variance_loss,
 )
-
-
-def naive_span(expert_outputs: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
-    """Gram-Schmidt per token and slot: squared norm of x_i's projection onto span(others)."""
-    x = expert_outputs.double()
-    num_tokens, k, _ = x.shape
-    total = torch.zeros((), dtype=torch.float64)
-    for t in range(num_tokens):
-        for i in range(k):
-            basis = []
-            for j in range(k):
-                if j == i:
-                    continue
-                v = x[t, j].clone()
-                for q in basis:
-                    v = v - torch.dot(q, v) * q
-                norm = v.norm()
-                if norm > tol * max(1.0, x[t, j].norm().item()):
-                    basis.append(v / norm)
-            total = total + sum((torch.dot(q, x[t, i]) ** 2 for q in basis), torch.zeros(()))
-    return total / (num_tokens * k)
-
-
-def naive_pairwise(expert_outputs: torch.Tensor, eps: float) -> torch.Tensor:
-    """The literal Eq. 6 double sum."""
-    x = expert_outputs.double()
-    num_tokens, k, _ = x.shape
-    total = torch.zeros((), dtype=torch.float64)
-    for t in range(num_tokens):
-        for i in range(k):
-            for j in range(k):
-                if i == j:
-                    continue
-                coef = torch.dot(x[t, i], x[t, j]) / (torch.dot(x[t, j], x[t, j]) + eps)
-                total = total + (coef * x[t, j]).square().sum()
-    return total / (num_tokens * k)
+from megatron_patch.moe.reference import naive_pairwise, naive_span, naive_variance
 
 
 @pytest.mark.parametrize("k,hidden", [(2, 8), (3, 16), (4, 5), (6, 4), (8, 3)])
@@ -139,12 +104,7 @@ def test_unknown_form_and_bad_shape():
 def test_variance_loss_matches_loop_and_gradcheck():
     torch.manual_seed(5)
     scores = torch.softmax(torch.randn(9, 8, dtype=torch.float64), dim=-1)
-    expected = 0.0
-    for row in scores:
-        mean = row.sum() / len(row)
-        expected += ((row - mean) ** 2).sum() / (len(row) - 1)
-    expected = -expected / len(scores)
-    torch.testing.assert_close(variance_loss(scores), expected)
+    torch.testing.assert_close(variance_loss(scores), naive_variance(scores))
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(variance_loss, (x,))
 

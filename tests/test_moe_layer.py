@@ -207,9 +207,10 @@ def test_coefficients_after_a_checkpoint_load_follow_this_runs_flags(
 
     layer = build_layer(make_config(moe_ortho_loss_coeff=wanted, moe_var_loss_coeff=0.0))
     layer.ortho_loss_coeff.fill_(0.01)  # the loaded value
-    saved_args = None if saved is None else {"moe_ortho_loss_coeff": saved,
-                                              "moe_var_loss_coeff": 0.0}
-    messages = reconcile_coefficients(layer, layer.config, saved_args, fresh)
+    from megatron_patch.moe.loss_config import LossConfig
+
+    saved_losses = None if saved is None else LossConfig(moe_ortho_loss_coeff=saved)
+    messages = reconcile_coefficients(layer, layer.config, saved_losses, fresh)
     value = layer.ortho_loss_coeff.item()
     assert math.isnan(value) if math.isnan(expected) else value == pytest.approx(expected)
     changed = [m for m in messages if m.startswith("--moe-ortho-loss-coeff")]
@@ -292,16 +293,81 @@ def test_per_token_loss_mode_scales_like_megatron_aux_losses(single_process_mega
         torch.testing.assert_close(scaled, plain * SEQ * BATCH, rtol=1e-5, atol=1e-9)
 
 
-def test_padding_tokens_are_left_out_of_both_losses(single_process_megatron):
+def test_padding_tokens_are_left_out_of_both_losses_and_routing_statistics(single_process_megatron):
     layer = build_layer(make_config())
     x = torch.randn(SEQ, BATCH, HIDDEN)
     padding = torch.zeros(BATCH, SEQ, dtype=torch.bool)  # [B, S], True = padding
     padding[0, -2:] = True
     padding[1, -3:] = True
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_patch.moe.routing_stats import RoutingStatistics
+
+    stats = RoutingStatistics(1, EXPERTS, torch.device("cpu")).attach([layer])
     clear_aux_losses_tracker()
     layer(x, padding_mask=padding)
+    reduced = stats.reduce(ProcessGroupCollection.use_mpu_process_groups(["tp_dp_cp", "pp"]))
     _, chosen, scores = reference(layer, x)
     valid = ~padding.transpose(0, 1).reshape(-1)  # token order of x.reshape(-1, H): [S, B]
     assert tracked("ortho_loss") == pytest.approx(
         orthogonality_loss(chosen[valid]).item(), rel=1e-5)
     assert tracked("var_loss") == pytest.approx(variance_loss(scores[valid]).item(), rel=1e-5)
+    entropy = -(scores[valid] * scores[valid].log()).sum(-1).mean()
+    assert reduced["entropy"][0].item() == pytest.approx(entropy.item(), rel=1e-5)
+
+
+def test_recompute_with_two_micro_batches_in_flight_uses_each_ones_padding_mask(
+    single_process_megatron,
+):
+    """A pipeline schedule (1F1B) runs micro-batch 2's forward before micro-batch 1's backward;
+    under selective MoE recompute that backward re-runs micro-batch 1's MoE forward. L_o must
+    leave out micro-batch 1's padding there, not the mask of the last forward."""
+    xs = [torch.randn(SEQ, BATCH, HIDDEN) for _ in range(2)]
+    pads = [torch.zeros(BATCH, SEQ, dtype=torch.bool) for _ in range(2)]
+    pads[0][0, -2:] = True
+    pads[1][1, -4:] = True
+    grads, weights = [], None
+    for recompute in ({}, {"recompute_granularity": "selective", "recompute_modules": ["moe"]}):
+        layer = build_layer(make_config(moe_var_loss_coeff=0.0, **recompute))
+        weights = weights or layer.state_dict()
+        layer.load_state_dict(weights)
+        outs = [layer(x.clone().requires_grad_(True), padding_mask=pad)[0]
+                for x, pad in zip(xs, pads)]  # both forwards
+        for out in outs:  # then both backwards
+            (out * 0).sum().backward()  # only the attached L_o produces gradients
+        grads.append([p.grad.clone() for p in layer.experts.parameters()])
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-8)
+
+
+def test_routing_statistics_count_training_forwards_only(single_process_megatron):
+    """Evaluation, coefficient calibration and the no-grad first pass of MoE recompute route
+    tokens too; the step's load / MaxVio / entropy statistics must hold each training token
+    once, and nothing else."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_patch.moe.calibration import calibrate_coefficients
+    from megatron_patch.moe.routing_stats import RoutingStatistics
+
+    config = make_config(moe_ortho_loss_coeff="auto", recompute_granularity="selective",
+                         recompute_modules=["moe"])
+    layer = build_layer(config)
+    stats = RoutingStatistics(config.num_layers, EXPERTS, torch.device("cpu")).attach([layer])
+    x, x_eval = torch.randn(SEQ, BATCH, HIDDEN), torch.randn(SEQ, BATCH, HIDDEN)
+    calibrate_coefficients(layer, config, lambda: layer(x_eval), num_microbatches=1)
+    layer.eval()
+    with torch.no_grad():
+        layer(x_eval)
+    layer.train()
+    layer(x.clone().requires_grad_(True))[0].sum().backward()  # recompute: no-grad, then again
+    reduced = stats.reduce(ProcessGroupCollection.use_mpu_process_groups(["tp_dp_cp", "pp"]))
+
+    with torch.no_grad():
+        _, routing_map = layer.router(x)
+    scores = torch.softmax(x.reshape(-1, HIDDEN) @ layer.router.weight.t(), dim=-1)
+    load = routing_map.sum(0).double()
+    torch.testing.assert_close(reduced["load"][0], (load / load.sum()).float())
+    entropy = -(scores * scores.log()).sum(-1).mean()
+    assert reduced["entropy"][0].item() == pytest.approx(entropy.item(), rel=1e-5)
+    assert stats.counts.abs().sum() == 0  # reset by reduce

@@ -2,13 +2,12 @@
 projection, the alternating schedule, EP=2 equal to one process, and exact mid-phase resume."""
 
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from megatron_patch.distributed import Layout, init_model_parallel, spawn
 from megatron_patch.optimizer.orthogonal import (
     OrthogonalExpertOptimizer,
     OrthogonalOptimizerConfig,
@@ -103,6 +102,8 @@ def test_projection_removes_exactly_the_others_directions(single_process_megatro
 
 
 def test_schedule_and_accumulating_only_is_the_base_optimizer(single_process_megatron):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
     config = OrthogonalOptimizerConfig(accumulate_steps=2, orthogonal_steps=1)
     assert [config.is_orthogonal_step(s) for s in range(6)] == [False, False, True] * 2
 
@@ -119,6 +120,7 @@ def test_schedule_and_accumulating_only_is_the_base_optimizer(single_process_meg
     optimizer = OrthogonalExpertOptimizer.__new__(OrthogonalExpertOptimizer)
     optimizer.base, optimizer.config, optimizer.step_index = Recorder(), config, 0
     optimizer.experts, optimizer.representations = [(1, experts)], {}
+    optimizer.pg_collection = get_default_pg_collection()
     for _ in range(3):
         optimizer.step()
     assert torch.equal(optimizer.base.seen[0], g1[0]) and torch.equal(optimizer.base.seen[1], g1[0])
@@ -205,62 +207,35 @@ def test_representation_projection_equals_owm_over_recorded_vectors(single_proce
                                    owm_projector(span_out, alpha) @ g2.double(), rtol=1e-5, atol=1e-6)
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ep2_worker(rank, port, out_dir):
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_patch.cpu_compat import apply_cpu_gloo_patches
-
-    apply_cpu_gloo_patches()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=2)
+def _ep2_worker(rank, out_dir):
+    init_model_parallel(Layout(ep=2, dp=2), seed=0)
     w1, w2, g1, g2 = random_layer()
     local = slice(rank * E // 2, (rank + 1) * E // 2)
     experts = fake_experts(w1[local], w2[local], g1[local], g2[local])
     project_expert_gradients(experts, OrthogonalOptimizerConfig(alpha=0.3))
     torch.save([(e.linear_fc1.weight.grad, e.linear_fc2.weight.grad)
                 for e in experts.local_experts], os.path.join(out_dir, f"rank{rank}.pt"))
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
-def _representation_worker(rank, port, out_dir):
+def _representation_worker(rank, out_dir):
     """EP=2 (each rank its experts, all their tokens), then DP=2 (all experts, half the tokens)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_patch.cpu_compat import apply_cpu_gloo_patches
-
-    apply_cpu_gloo_patches()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
     results = {}
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=2)
+    init_model_parallel(Layout(ep=2, dp=2), seed=0)
     local = range(rank * E // 2, (rank + 1) * E // 2)
     experts, _ = record_and_project(local, lambda x: x, 0.2)
     results["ep2"] = {e: (x.linear_fc1.weight.grad, x.linear_fc2.weight.grad)
                       for e, x in zip(local, experts.local_experts)}
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel()
+    init_model_parallel(Layout(dp=2), seed=0)
     experts, _ = record_and_project(range(E), lambda x: x[rank::2], 0.2)
     results["dp2"] = {e: (x.linear_fc1.weight.grad, x.linear_fc2.weight.grad)
                       for e, x in enumerate(experts.local_experts)}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def test_representation_projection_is_layout_independent(single_process_megatron, tmp_path):
     """Recorded moments reduced over EDP and summed over EP: EP=2 and DP=2 == one process."""
     experts, _ = record_and_project(range(E), lambda x: x, 0.2)
-    mp.spawn(_representation_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_representation_worker, 2, str(tmp_path), backend="gloo")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     ep2 = {**ranks[0]["ep2"], **ranks[1]["ep2"]}
     for e, expert in enumerate(experts.local_experts):
@@ -274,7 +249,7 @@ def test_expert_parallel_projection_equals_one_process(single_process_megatron, 
     w1, w2, g1, g2 = random_layer()
     experts = fake_experts(w1, w2, g1, g2)
     project_expert_gradients(experts, OrthogonalOptimizerConfig(alpha=0.3))
-    mp.spawn(_ep2_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_ep2_worker, 2, str(tmp_path), backend="gloo")
     ep2 = torch.load(tmp_path / "rank0.pt") + torch.load(tmp_path / "rank1.pt")
     for expert, (grad1, grad2) in zip(experts.local_experts, ep2):
         torch.testing.assert_close(grad1, expert.linear_fc1.weight.grad, rtol=1e-6, atol=1e-7)

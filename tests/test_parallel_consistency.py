@@ -1,5 +1,6 @@
-"""One training step of a tiny GPT-MoE under several parallel layouts equals the single-device
-step: LM loss, MoE tracker values and every (reassembled) parameter gradient."""
+"""The trainer's training step of a tiny GPT-MoE under several parallel layouts equals the
+single-device step: LM loss, MoE losses, routing statistics, every (reassembled) parameter
+gradient and the calibrated coefficients."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import math
 import pytest
 import torch
 
+from megatron_patch.distributed import BASELINE, Layout, parse_layout
+from megatron_patch.parallel_check.cases import Case, parse_case
 from megatron_patch.parallel_check.compare import Tolerance, compare, summarize
-from megatron_patch.parallel_check.layouts import BASELINE, Layout, parse_layout
 from megatron_patch.parallel_check.runner import Result, make_global_batch, run_layout
+from megatron_patch.training.config import JobConfig
 
-MODEL_ARGS = {
+MODEL = {
     "num_layers": 2,
     "hidden_size": 32,
     "ffn_hidden_size": 64,
     "num_attention_heads": 4,
-    "num_moe_experts": 4,
+    "num_experts": 4,
     "moe_router_topk": 2,
     "moe_ffn_hidden_size": 32,
     "moe_aux_loss_coeff": 1e-2,
@@ -26,15 +29,17 @@ MODEL_ARGS = {
     "moe_ortho_loss_coeff": "auto",
     "moe_var_loss_coeff": "auto",
     "seq_length": 16,
-    "vocab_size": 128,
+    "micro_batch_size": 2,
 }
+JOB = JobConfig.from_flat(MODEL)
 # Large fixed coefficients make the L_o / L_v gradients a visible share of every gradient, so a
 # layout-dependent error in them cannot hide under the LM-loss gradient.
-STRONG_LOSSES = {**MODEL_ARGS, "moe_ortho_loss_coeff": 30.0, "moe_var_loss_coeff": 30.0,
-                 "moe_ortho_loss_form": "pairwise"}
+STRONG_LOSSES = JobConfig.from_flat({**MODEL, "moe_ortho_loss_coeff": 30.0,
+                                     "moe_var_loss_coeff": 30.0, "moe_ortho_loss_form": "pairwise"})
 TRACKERS = ("load_balancing_loss", "ortho_loss", "var_loss")
-MICRO_BATCH_SIZE = 2
-GLOBAL_BATCH = make_global_batch(8, MODEL_ARGS["seq_length"], MODEL_ARGS["vocab_size"], seed=0)
+ROUTING = ("entropy", "load", "max_vio")
+VOCAB = 128
+GLOBAL_BATCH = make_global_batch(8, MODEL["seq_length"], VOCAB, seed=0)
 
 # fp32 on CPU is deterministic; layouts differ only in the order of floating-point sums (TP
 # partial products, all-reduces, gradient accumulation across micro-batches), so diffs are a few
@@ -45,9 +50,8 @@ GLOBAL_BATCH = make_global_batch(8, MODEL_ARGS["seq_length"], MODEL_ARGS["vocab_
 TOLERANCE = Tolerance(rtol=1e-5, atol=1e-8)
 
 
-def _run(layout: Layout, model_args: dict = MODEL_ARGS) -> Result:
-    return run_layout(layout, model_args, GLOBAL_BATCH, MICRO_BATCH_SIZE, backend="gloo",
-                      tracker_names=TRACKERS)
+def _run(layout: Layout, job: JobConfig = JOB, samples=GLOBAL_BATCH) -> Result:
+    return run_layout(layout, job, samples, VOCAB, backend="gloo")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +66,9 @@ def strong_baseline() -> Result:
 
 def _assert_consistent(result: Result, baseline: Result) -> None:
     diffs = compare(result, baseline, TOLERANCE)
-    # loss, 3 trackers, every gradient, 2 coefficients
-    assert len(diffs) == 1 + len(TRACKERS) + len(baseline.grads) + 2
+    # loss, 3 MoE losses, 3 routing statistics, every gradient, 2 coefficients
+    assert set(result.trackers) == set(TRACKERS) and set(result.routing) == set(ROUTING)
+    assert len(diffs) == 1 + len(TRACKERS) + len(ROUTING) + len(baseline.grads) + 2
     failed = [d for d in diffs if not d.passed]
     assert not failed, "\n".join(map(str, failed))
 
@@ -81,19 +86,39 @@ def test_calibrated_coefficients_are_powers_of_ten(baseline: Result) -> None:
             assert values and all(math.log10(v) == round(math.log10(v)) for v in values)
 
 
-@pytest.mark.parametrize("spec", ["ep2", "tp2ep2etp1sp", "pp2"])
-def test_strong_specialization_losses_match_single_device(
-    spec: str, strong_baseline: Result
-) -> None:
-    _assert_consistent(_run(parse_layout(spec), STRONG_LOSSES), strong_baseline)
+def test_strong_specialization_losses_match_single_device(strong_baseline: Result) -> None:
+    """Strong pairwise-form losses with expert tensor parallelism 1 under TP 2 x EP 2 (the
+    feature cases below run them under EP and PP)."""
+    _assert_consistent(_run(parse_layout("tp2ep2etp1sp"), STRONG_LOSSES), strong_baseline)
+
+
+_FEATURE_BASELINES: dict = {}
+
+
+@pytest.mark.parametrize("spec", ["tp2sp+padding", "ep2+capacity", "pp2+padding+recompute"])
+def test_padding_capacity_and_recompute_with_pipeline_match_single_device(spec: str) -> None:
+    """Padding masks (out of L_aux, L_o, L_v and the routing statistics; sequence-parallel
+    scattered), capacity dropping, and MoE recompute under 1F1B (a micro-batch recomputed after
+    later micro-batches' forwards, each with its own padding) give the single-device step's
+    values and gradients (the tool's default set runs the 4-process versions)."""
+    case = parse_case(spec)
+    samples = make_global_batch(8, MODEL["seq_length"], VOCAB, seed=0,
+                                padding="padding" in case.features)
+    job = case.job(STRONG_LOSSES)
+    if case.features not in _FEATURE_BASELINES:
+        _FEATURE_BASELINES[case.features] = _run(BASELINE, job, samples)
+    baseline = _FEATURE_BASELINES[case.features]
+    _assert_consistent(_run(case.layout, job, samples), baseline)
+    if "capacity" in case.features:
+        assert baseline.routing["load"].numel() and job.moe.moe_expert_capacity_factor == 1.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo CPU run; tests/test_gated_gram.py on CUDA")
 def test_fused_kernel_and_normalized_lo_under_tp_ep_sp_match_single_device() -> None:
     """The fused gates + Gram kernel (Triton's interpreter on CPU) computing the scale-free L_o
     under TP2 x EP2 with SP: the same losses and gradients as the torch kernel in one process."""
-    normalized = {**STRONG_LOSSES, "moe_ortho_loss_normalize": True}
-    fused = {**normalized, "moe_ortho_loss_kernel": "triton"}
+    normalized = STRONG_LOSSES.replace(losses={"moe_ortho_loss_normalize": True})
+    fused = normalized.replace(losses={"moe_ortho_loss_kernel": "triton"})
     _assert_consistent(_run(parse_layout("tp2ep2etp1sp"), fused), _run(BASELINE, normalized))
 
 
@@ -150,6 +175,18 @@ def test_parse_layout(spec: str, expected: Layout) -> None:
 def test_parse_layout_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_layout(spec)
+
+
+def test_cases_name_layout_and_features() -> None:
+    case = parse_case("pp2ep2+recompute+padding")
+    assert case == Case(Layout(pp=2, ep=2, dp=2), ("padding", "recompute"))
+    assert str(case) == "pp2ep2dp2+padding+recompute" and parse_case(str(case)) == case
+    job = case.job(JOB)
+    assert job.training.recompute_modules == ["moe"] and job.moe.moe_expert_capacity_factor is None
+    with pytest.raises(ValueError, match="unknown feature"):
+        parse_case("ep2+dropout")
+    with pytest.raises(ValueError, match="per sequence-parallel slice"):
+        parse_case("tp2sp+capacity")
 
 
 def test_cpu_patches_leave_gpu_path_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.training.arguments import ArgumentError, parse_args, validate_args
+from megatron_patch.distributed import free_port
+from megatron_patch.flags import ConfigError
+from megatron_patch.training.arguments import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +45,7 @@ def pretrain(args, *, torchrun_procs=None, timeout=300, check=True):
     env = clean_env()
     if torchrun_procs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-               str(torchrun_procs), "--master-port", str(_port()),
+               str(torchrun_procs), "--master-port", str(free_port()),
                "-m", "megatron_patch.training.pretrain", *args]
     else:
         cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", *args]
@@ -52,14 +54,6 @@ def pretrain(args, *, torchrun_procs=None, timeout=300, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def _port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train_losses(save_dir):
@@ -110,7 +104,7 @@ def test_torchrun_launcher_ep2_and_reshard_to_one_process(tiny_data, tmp_path):
         "eval_interval: 3", "eval_iters: 1", "expert_model_parallel_size: 2",
         "moe_ortho_loss_coeff: 0.1", "moe_var_loss_coeff: 0.1", "no_progress_bar: true",
     ]))
-    env = clean_env(GPUS_PER_NODE="2", MASTER_PORT=str(_port()), OUTPUT_DIR=str(tmp_path / "run"),
+    env = clean_env(GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), OUTPUT_DIR=str(tmp_path / "run"),
                     DATA_PATH=tiny_data.train, VALID_DATA_PATH=tiny_data.valid,
                     TOKENIZER_MODEL=tiny_data.tokenizer, PYTHON=sys.executable)
     proc = subprocess.run(["bash", "examples/pretrain/run_pretrain_moe.sh", str(config)],
@@ -204,16 +198,14 @@ def test_tokenizer_smaller_than_data_vocab_is_refused(tiny_data, tmp_path):
 
 
 def test_flag_validation_without_processes(tmp_path, monkeypatch):
-    args = parse_args(["--data-path", "x", "--tokenizer-model", "t", "--num-experts", "6",
-                       "--expert-model-parallel-size", "4"])
-    with pytest.raises(ArgumentError, match="not divisible by --expert-model-parallel-size"):
-        validate_args(args, world_size=4)
-    args = parse_args(["--data-path", "x", "--tokenizer-model", "t",
-                       "--tensor-model-parallel-size", "2"])
-    with pytest.raises(ArgumentError, match="not a multiple of --tensor-model-parallel-size"):
-        validate_args(args, world_size=3)
+    job = parse_args(["--data-path", "x", "--tokenizer-model", "t",
+                      "--tensor-model-parallel-size", "2", "--sequence-parallel"])
+    with pytest.raises(ConfigError, match="not a multiple of --tensor-model-parallel-size"):
+        job.validate(world_size=3)
     minimal = ["--data-path", "x", "--tokenizer-model", "t", "--num-experts", "4"]
     for extra, message in (
+        (["--num-experts", "6", "--expert-model-parallel-size", "4"],
+         "not divisible by --expert-model-parallel-size"),
         (["--moe-loss-calibration-iters", "5"], "needs an 'auto'"),
         (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 must be <= --lr 0.0001"),
         (["--moe-identical-expert-init", "--moe-grouped-gemm"], "drop --moe-grouped-gemm"),
@@ -222,21 +214,52 @@ def test_flag_validation_without_processes(tmp_path, monkeypatch):
           "--train-iters", "5"], r"in \[1, --train-iters 5\)"),
         (["--moe-orthogonal-optimizer", "--moe-orthogonal-subspace", "representations",
           "--moe-orthogonal-window", "5"], r"1 <= window \(5\) <= --moe-orthogonal-accumulate"),
+        (["--moe-aux-loss-coeff", "-0.5"], "--moe-aux-loss-coeff must be >= 0"),
     ):
-        with pytest.raises(ArgumentError, match=message):
-            validate_args(parse_args(minimal + extra), world_size=1)
+        with pytest.raises(ConfigError, match=message):
+            parse_args(minimal + extra).validate(world_size=1)
+    with pytest.raises(ConfigError, match="tp > 1 requires sequence parallel"):
+        parse_args(minimal + ["--tensor-model-parallel-size", "2"]).validate(world_size=2)
     if not torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        with pytest.raises(ArgumentError, match="needs a CUDA GPU"):
-            validate_args(parse_args(minimal + ["--moe-ortho-loss-kernel", "triton"]), world_size=1)
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+            parse_args(minimal + ["--moe-ortho-loss-kernel", "triton"]).validate(world_size=1)
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("num_layerz: 3\n")
-    with pytest.raises(ArgumentError, match="unknown key 'num_layerz'"):
+    with pytest.raises(ConfigError, match="unknown key 'num_layerz'; did you mean num_layers"):
         parse_args(["--config", str(bad_yaml)])
     good_yaml = tmp_path / "good.yaml"
     good_yaml.write_text("num-layers: 6\nhidden_size: 96\n")
-    args = parse_args(["--config", str(good_yaml), "--hidden-size", "64"])
-    assert (args.num_layers, args.hidden_size) == (6, 64)
+    job = parse_args(["--config", str(good_yaml), "--hidden-size", "64"])
+    assert (job.model.num_layers, job.model.hidden_size) == (6, 64)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('swiglu: "false"', r"swiglu: 'false' is not a boolean"),
+    ("moe_router_topk: [2]", r"moe_router_topk: \[2\] is not an integer"),
+    ("num_layers: four", r"num_layers: 'four' is not an integer"),
+    ("lr: true", r"lr: True is not a number"),
+    ("moe_ortho_loss_coeff: fast", r"is not a non-negative number or 'auto'"),
+    ("normalization: rmsnorm", r"is not one of LayerNorm, RMSNorm"),
+])
+def test_yaml_values_are_checked_against_each_flag(tmp_path, line, message):
+    """A YAML value of the wrong type names the key, the file and the expected type (instead of
+    silently meaning something else, e.g. the string "false" switching SwiGLU on)."""
+    config = tmp_path / "preset.yaml"
+    config.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=message) as error:
+        parse_args(["--config", str(config)])
+    assert str(config) in str(error.value)
+
+
+def test_job_config_round_trips_through_its_stored_forms():
+    job = parse_args(["--config", str(REPO / "examples/pretrain/configs/tiny_cpu.yaml"),
+                      "--save", "runs/x", "--moe-ortho-loss-coeff", "auto"])
+    from megatron_patch.training.config import JobConfig
+
+    assert JobConfig.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+    assert JobConfig.from_flat(job.flat()) == job
+    assert job.replace(training={"micro_batch_size": 2}).training.micro_batch_size == 2
 
 
 def test_tensorboard_and_offline_wandb_logs(tiny_data, tmp_path):
@@ -300,3 +323,20 @@ def test_calibration_after_warmup_steps(tiny_data, tmp_path):
         assert math.log10(calibration[name]) == round(math.log10(calibration[name]))
         assert all(r[name] != 0 for r in rows if r["split"] == "train")  # logged during warm-up
 
+
+
+def test_trainer_and_layout_checker_run_the_same_step(tiny_data):
+    """A deliberate change to the training step (its loss function returns twice the loss) is
+    seen by the trainer and by the layout checker's ranks alike: both run
+    megatron_patch.training.step, the checker has no copy of it."""
+    losses = {}
+    for perturb in ("0", "1"):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "step_probe.py"), tiny_data.tokenizer,
+             tiny_data.train, tiny_data.valid],
+            cwd=REPO, env=clean_env(PERTURB_STEP=perturb), capture_output=True, text=True,
+            timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        losses[perturb] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for side in ("trainer", "checker"):
+        assert losses["1"][side] == pytest.approx(2 * losses["0"][side], rel=1e-6), side

@@ -72,7 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_patch.analysis.report import write_report
     from megatron_patch.analysis.runner import AnalysisOptions, run_analysis
     from megatron_patch.training.checkpointing import CheckpointMismatchError
-    from megatron_patch.training.initialize import shutdown
+    from megatron_patch.distributed import shutdown
+    from megatron_patch.flags import ConfigError
 
     opts = AnalysisOptions(
         load=args.load, data_path=args.data_path, tokenizer_model=args.tokenizer_model,
@@ -96,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "weight_similarity_mean", "domain_nmi"):
                 print(f"  {key:24s} {mean[key]:.4g}")
             print(f"report: {paths['markdown']}\njson  : {paths['json']}")
-    except (AnalysisError, CheckpointMismatchError, FileNotFoundError) as error:
+    except (AnalysisError, CheckpointMismatchError, ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     finally:

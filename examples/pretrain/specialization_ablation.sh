@@ -6,6 +6,7 @@
 #   calibrated after warm-up steps,
 # run tools/analyze_specialization.py on each final checkpoint, and write one comparison
 # (mean +- std over seeds) with tools/ablation_report.py: results.md, results.json and PNGs.
+# Each variant's description and flags are defined once, in megatron_patch/analysis/variants.py.
 #
 #   examples/pretrain/specialization_ablation.sh [--quick | --smoke] [options] [-- pretrain flags]
 #
@@ -118,19 +119,11 @@ BASE_PORT=${MASTER_PORT:-6100}
 NODE_RANK=${NODE_RANK:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 
-variant_flags() {   # the loss flags of one variant
-    case "$1" in
-        a) echo "--moe-ortho-loss-coeff 0 --moe-var-loss-coeff 0" ;;
-        b) echo "--moe-ortho-loss-coeff $BETA --moe-var-loss-coeff 0" ;;
-        c) echo "--moe-ortho-loss-coeff 0 --moe-var-loss-coeff $GAMMA" ;;
-        d) echo "--moe-ortho-loss-coeff $BETA --moe-var-loss-coeff $GAMMA" ;;
-        e) echo "--moe-ortho-loss-coeff $BETA_PW --moe-ortho-loss-form pairwise --moe-var-loss-coeff $GAMMA" ;;
-        f) echo "--moe-ortho-loss-coeff 0 --moe-var-loss-coeff 0 --moe-orthogonal-optimizer $OMOE" ;;
-        g) echo "--moe-ortho-loss-coeff $BETA --moe-var-loss-coeff $GAMMA --moe-orthogonal-optimizer $OMOE" ;;
-        h) echo "--moe-ortho-loss-coeff 0 --moe-var-loss-coeff 0 --moe-orthogonal-optimizer $OMOE_REPR" ;;
-        i) echo "--moe-ortho-loss-coeff auto --moe-var-loss-coeff auto --moe-loss-calibration-iters $CALIBRATION_ITERS" ;;
-        *) echo "error: unknown variant $1 (a-i)" >&2; return 2 ;;
-    esac
+variant_flags() {   # the pretraining flags of one variant, one a line, from its definition in
+    # megatron_patch/analysis/variants.py (exit status 2 for an unknown variant)
+    "$PYTHON" -m megatron_patch.analysis.variants "$1" --beta "$BETA" --beta-pairwise "$BETA_PW" \
+        --gamma "$GAMMA" --omoe="$OMOE" --omoe-repr="$OMOE_REPR" \
+        --calibration-iters "$CALIBRATION_ITERS"
 }
 for v in $VARIANTS; do variant_flags "$v" > /dev/null; done
 
@@ -138,7 +131,7 @@ report() {
     [[ "$NODE_RANK" == 0 ]] || return 0
     "$PYTHON" "$ROOT/tools/ablation_report.py" --runs-dir "$RUNS_DIR" --output-dir "$OUT_DIR" \
         --setting "$SETTING" --variants "$VARIANTS" --seeds "$SEEDS" \
-        --coefficients "beta=$BETA beta_pairwise=$BETA_PW gamma=$GAMMA" --omoe "$OMOE" --omoe-repr "$OMOE_REPR" \
+        --coefficients "beta=$BETA beta_pairwise=$BETA_PW gamma=$GAMMA" --omoe="$OMOE" --omoe-repr="$OMOE_REPR" \
         --command "$COMMAND_LINE" --preset "$PRESET"
 }
 
@@ -158,8 +151,8 @@ for seed in $SEEDS; do
             echo "[$v seed $seed] done already, skipped"
             continue
         fi
-        # shellcheck disable=SC2207
-        FLAGS=($(variant_flags "$v") --seed "$seed" --no-progress-bar)
+        mapfile -t FLAGS < <(variant_flags "$v")
+        FLAGS+=(--seed "$seed" --no-progress-bar)
         CMD=(env MASTER_PORT=$((BASE_PORT + index)) OUTPUT_DIR="$RUN"
              "$ROOT/examples/pretrain/run_pretrain_moe.sh" "$PRESET"
              "${SETTING_FLAGS[@]}" "${FLAGS[@]}" "${EXTRA[@]}")

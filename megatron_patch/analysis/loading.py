@@ -1,22 +1,20 @@
 """Checkpoint -> GPT-MoE in this process layout, and the validation data with domain labels.
 
-A checkpoint written by ``megatron_patch.training.pretrain`` carries the run's flags (common
-state key ``args``), from which the model is rebuilt with ``build_config`` / ``build_model``.
-With one process every parallel size is forced to 1 and ``dist_checkpointing`` reshards
-the checkpoint (an EP=2 run loads into one process). Under torchrun the checkpoint's own
-TP/PP/EP layout is kept; only layouts with TP = PP = 1 (data + expert parallelism) are supported.
+A checkpoint written by the trainer carries the job's configuration (common state ``job``;
+``args`` in older ones), from which the model is rebuilt with ``training.model.build_model``.
+With one process every parallel size is 1 and ``dist_checkpointing`` reshards the checkpoint (an
+EP=2 run loads into one process). Under torchrun the checkpoint's own EP layout is kept; only
+layouts with TP = PP = ETP = 1 (data + expert parallelism) are supported.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_patch.training.checkpointing import (
@@ -25,8 +23,9 @@ from megatron_patch.training.checkpointing import (
     checkpoint_path,
     latest_iteration,
     model_signature,
+    saved_job,
 )
-
+from megatron_patch.training.config import JobConfig, ParallelConfig
 
 
 class AnalysisError(RuntimeError):
@@ -48,70 +47,63 @@ def resolve_checkpoint(load: str) -> Path:
     return checkpoint_path(str(path), iteration)
 
 
-def checkpoint_args(where: Path, config_file: Optional[str] = None) -> tuple[argparse.Namespace,
-                                                                             dict]:
-    """(the run's flags, the common state) of checkpoint ``where``.
+def checkpoint_job(where: Path, config_file: Optional[str] = None) -> tuple[JobConfig, dict]:
+    """(the run's configuration, the common state) of checkpoint ``where``.
 
-    Checkpoints written before the flags were saved need ``config_file``: a YAML of pretrain
-    flags (as for ``pretrain --config``) describing the same model.
+    Checkpoints written before they carried the configuration need ``config_file``: a YAML of
+    pretrain flags (as for ``pretrain --config``) describing the same model.
     """
     from megatron_patch.training.arguments import parse_args
 
     common = dist_checkpointing.load_common_state_dict(str(where))
-    saved = common.get("args")
-    if saved is not None:
-        # Flags added after the checkpoint was written take their defaults.
-        defaults = vars(parse_args(["--data-path", "unknown", "--tokenizer-model", "unknown"]))
-        return argparse.Namespace(**{**defaults, **saved}), common
+    job = saved_job(common)
+    if job is not None:
+        return job, common
     if config_file is None:
         raise AnalysisError(
-            f"{where} does not record the run's flags (written before checkpoints carried them); "
-            "pass --config with the pretraining YAML (e.g. examples/pretrain/configs/tiny_cpu.yaml)"
-            " and --tokenizer-model")
-    args = parse_args(["--config", config_file, "--data-path", "unknown",
-                       "--tokenizer-model", "unknown"])
-    return args, common
+            f"{where} does not record the run's configuration (written before checkpoints "
+            "carried it); pass --config with the pretraining YAML (e.g. "
+            "examples/pretrain/configs/tiny_cpu.yaml) and --tokenizer-model")
+    return parse_args(["--config", config_file]), common
 
 
-def analysis_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """The run's flags adapted to this analysis: one process -> every parallel size 1; several
-    -> the checkpoint's layout, which must have TP = PP = 1 (EP and DP only)."""
-    args = copy.deepcopy(args)
+def analysis_job(job: JobConfig, world_size: int, micro_batch_size: Optional[int]) -> JobConfig:
+    """The run's configuration adapted to this analysis: one process -> every parallel size 1;
+    several -> the checkpoint's expert parallelism, which must come with TP = PP = ETP = 1."""
+    parallel = job.parallel
     if world_size == 1:
-        args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
-        args.expert_model_parallel_size = args.expert_tensor_parallel_size = 1
-        args.sequence_parallel = False
-    elif args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1 or \
-            args.expert_tensor_parallel_size != 1:
+        parallel = ParallelConfig(distributed_backend=parallel.distributed_backend)
+    elif (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+          parallel.expert_tensor_parallel_size) != (1, 1, 1):
         raise AnalysisError(
             f"analysis with {world_size} processes supports data and expert parallelism only "
-            f"(checkpoint layout: TP {args.tensor_model_parallel_size}, PP "
-            f"{args.pipeline_model_parallel_size}, ETP {args.expert_tensor_parallel_size}); run "
-            "it as one process (the checkpoint is resharded), or under torchrun with "
-            "--expert-model-parallel-size alone")
-    args.micro_batch_size = max(1, args.micro_batch_size)
-    args.global_batch_size = args.micro_batch_size * world_size
-    args.train_iters = max(args.train_iters, args.lr_warmup_iters + 1)
-    args.recompute_granularity = None
-    args.use_distributed_optimizer = False
-    args.load = args.save = None
-    args.save_interval = None
-    return args
+            f"(checkpoint layout: TP {parallel.tensor_model_parallel_size}, PP "
+            f"{parallel.pipeline_model_parallel_size}, ETP "
+            f"{parallel.expert_tensor_parallel_size}); run it as one process (the checkpoint "
+            "is resharded), or under torchrun with --expert-model-parallel-size alone")
+    else:
+        parallel = dataclasses.replace(parallel, use_distributed_optimizer=False)
+    mbs = micro_batch_size or job.training.micro_batch_size
+    return job.replace(
+        parallel=dataclasses.asdict(parallel),
+        training={"micro_batch_size": mbs, "global_batch_size": mbs * world_size,
+                  "recompute_granularity": None, "recompute_modules": None},
+        checkpoint={"load": None, "save": None, "save_interval": None, "finetune": False},
+    )
 
 
-def build_and_load_model(args: argparse.Namespace, where: Path, common: dict,
+def build_and_load_model(job: JobConfig, where: Path, common: dict,
                          vocab_size: int) -> torch.nn.Module:
     """The GPTModel (unwrapped from DDP) with the checkpoint's weights, in eval mode."""
-    from megatron_patch.training.model import build_config, build_model
+    from megatron_patch.training.model import build_model
 
-    config = build_config(args)
     saved_signature = common.get("signature")
     if saved_signature is not None:
         try:
-            check_signature(saved_signature, model_signature(args, vocab_size), where)
+            check_signature(saved_signature, model_signature(job, vocab_size), where)
         except CheckpointMismatchError as error:
             raise AnalysisError(str(error)) from error
-    model = build_model(args, config, vocab_size)[0].module
+    model = build_model(job, vocab_size)[0].module
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(where))
     model.load_state_dict(state["model"])
     model.eval()
@@ -138,7 +130,3 @@ def build_dataset(prefix: str, tokenizer, seq_length: int, seed: int):
     indexed = IndexedDataset(prefix, multimodal=False, mmap=True)
     indices = np.arange(len(indexed), dtype=np.int32)
     return GPTDataset(indexed, prefix, indices, None, Split.valid, config)
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1

@@ -12,33 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-_LABELS = {
-    "expert_overlap": "expert overlap (mean cos² of a token's selected outputs)",
-    "routing_overlap": "routing overlap, all token pairs (\\|S_a∩S_b\\|/k)",
-    "routing_overlap_same_domain": "routing overlap, same-domain pairs",
-    "routing_overlap_cross_domain": "routing overlap, cross-domain pairs",
-    "routing_variance": "routing variance (mean_t Var_e s_t, unbiased)",
-    "routing_entropy": "routing entropy (nats)",
-    "max_vio": "MaxVio",
-    "silhouette": "silhouette of routed outputs by expert",
-    "output_similarity_mean": "mean pairwise cosine of expert outputs",
-    "weight_similarity_mean": "mean pairwise cosine of expert weights",
-    "domain_mi": "MI(domain; expert) (nats)",
-    "domain_nmi": "NMI(domain; expert)",
-    "domain_mi_over_domain_entropy": "MI / H(domain)",
-    "routed_output_rms": "RMS of routed (unweighted) expert outputs",
-}
-
-
-def _clean(value: Any) -> Any:
-    """NaN/Inf -> None, so the JSON is strict."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+from megatron_patch.analysis.labels import METRIC_LABELS, described
+from megatron_patch.analysis.reporting import finite_or_none, pyplot
 
 
 def _fmt(value: Any) -> str:
@@ -50,7 +25,7 @@ def _fmt(value: Any) -> str:
 
 
 def write_json(result: dict, path: Path) -> Path:
-    path.write_text(json.dumps(_clean(result), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(finite_or_none(result), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -75,8 +50,9 @@ def markdown(result: dict, images: list[str]) -> str:
         " | ".join(f"layer {layer['layer_number']}" for layer in layers) + " |",
         "| --- | --- |" + " --- |" * len(layers),
     ]
-    for key, label in _LABELS.items():
-        lines.append(f"| {label} | {_fmt(result['mean'].get(key))} | "
+    for key in METRIC_LABELS:
+        name = described(key).replace("|", "\\|")  # a bare | would end the table cell
+        lines.append(f"| {name} | {_fmt(result['mean'].get(key))} | "
                      + " | ".join(_fmt(layer.get(key)) for layer in layers) + " |")
     lines += ["", "## Load per expert (share of assignments)", "",
               "| layer | " + " | ".join(f"e{e}" for e in range(model["num_experts"])) + " |",
@@ -110,12 +86,9 @@ def _row_shares(counts):
 
 def write_plots(result: dict, out_dir: Path) -> list[str]:
     """Write the PNGs; returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = pyplot()
     names = []
     layers = result["layers"]
     num_experts = result["model"]["num_experts"]
@@ -180,7 +153,7 @@ def write_report(result: dict, out_dir: str | Path, plots: bool = True) -> dict[
     images = write_plots(result, out) if plots else []
     paths = {"json": write_json(result, out / "specialization.json")}
     md = out / "specialization.md"
-    md.write_text(markdown(_clean(result), images))
+    md.write_text(markdown(finite_or_none(result), images))
     paths["markdown"] = md
     paths.update({name: out / name for name in images})
     return paths

@@ -31,10 +31,10 @@ from megatron_patch.analysis.capture import RoutingCapture
 from megatron_patch.analysis.experts import all_expert_outputs, expert_weight_vectors
 from megatron_patch.analysis.loading import (
     AnalysisError,
-    analysis_args,
+    analysis_job,
     build_and_load_model,
     build_dataset,
-    checkpoint_args,
+    checkpoint_job,
     resolve_checkpoint,
 )
 
@@ -62,13 +62,13 @@ class AnalysisOptions:
     progress: bool = True
 
 
-def _default_prefix(run_args) -> str:
+def _default_prefix(run_job) -> str:
     from megatron_patch.data.datasets import parse_data_path
 
-    if not run_args.valid_data_path:
+    if not run_job.data.valid_data_path:
         raise AnalysisError("the checkpoint's run had no --valid-data-path (it split --data-path); "
                             "pass --data-path PREFIX of a validation set")
-    prefixes, _ = parse_data_path(run_args.valid_data_path)
+    prefixes, _ = parse_data_path(run_job.data.valid_data_path)
     if len(prefixes) != 1:
         raise AnalysisError(f"the run validated on a blend of {len(prefixes)} prefixes "
                             f"{prefixes}; pick one with --data-path")
@@ -106,6 +106,7 @@ def _batches(num_samples: int, rank: int, world: int, mbs: int) -> list[list[int
 
 def _make_batch(dataset, indices, seq_length, sidecar, device):
     from megatron_patch.data.domains import sample_token_domains
+    from megatron_patch.training.step import collate
 
     samples, domains = [], []
     for i in indices:
@@ -116,11 +117,7 @@ def _make_batch(dataset, indices, seq_length, sidecar, device):
             domains.append(np.zeros(seq_length, dtype=np.int64))
         else:
             domains.append(sample_token_domains(dataset, i, sidecar.ids))
-    batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
-             for key in ("tokens", "labels", "loss_mask", "position_ids")}
-    batch["attention_mask"] = torch.triu(
-        torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), 1
-    ).view(1, 1, seq_length, seq_length)
+    batch = collate(samples, device)
     dom = torch.as_tensor(np.stack(domains), dtype=torch.int64)  # [B, S]
     idx = torch.as_tensor(indices, dtype=torch.int64)
     positions = idx[:, None] * seq_length + torch.arange(seq_length)[None, :]  # [B, S]
@@ -160,27 +157,29 @@ def run_analysis(opts: AnalysisOptions) -> dict:
     Raises:
         AnalysisError: a checkpoint, data or layout problem, with the fix.
     """
-    from megatron.core import parallel_state
-
     from megatron_patch.data.tokenizer import load_tokenizer
-    from megatron_patch.training.initialize import initialize, world_from_environment
+    from megatron_patch.distributed import init_model_parallel, init_world, world_from_environment
+    from megatron_patch.flags import ConfigError
+    from megatron_patch.training.step import model_forward
 
     where = resolve_checkpoint(opts.load)
-    run_args, common = checkpoint_args(where, opts.config)
+    run_job, common = checkpoint_job(where, opts.config)
     _, world, _ = world_from_environment()
-    args = analysis_args(run_args, world)
-    if opts.micro_batch_size:
-        args.micro_batch_size = opts.micro_batch_size
-        args.global_batch_size = args.micro_batch_size * world
-    tokenizer_model = opts.tokenizer_model or args.tokenizer_model
+    job = analysis_job(run_job, world, opts.micro_batch_size)
+    tokenizer_model = opts.tokenizer_model or job.data.tokenizer_model
     if not tokenizer_model or not Path(tokenizer_model).is_file():
         raise AnalysisError(f"tokenizer model {tokenizer_model!r} not found; pass --tokenizer-model")
-    prefix = opts.data_path or _default_prefix(run_args)
-    device = initialize(args)
+    prefix = opts.data_path or _default_prefix(run_job)
+    try:
+        layout = job.layout(world)
+    except ConfigError as error:
+        raise AnalysisError(str(error)) from None
+    device = init_world(job.parallel.distributed_backend)
+    pg_collection = init_model_parallel(layout, job.training.seed)
     rank = dist.get_rank()
     tokenizer = load_tokenizer(tokenizer_model)
-    model = build_and_load_model(args, where, common, tokenizer.vocab_size)
-    seq_length = args.seq_length
+    model = build_and_load_model(job, where, common, tokenizer.vocab_size)
+    seq_length = job.model.seq_length
     dataset = build_dataset(prefix, tokenizer, seq_length, opts.seed)
     sidecar = _load_domains(prefix, len(dataset.dataset))
     domain_names = list(sidecar.names) if sidecar is not None else ["all"]
@@ -198,20 +197,19 @@ def run_analysis(opts: AnalysisOptions) -> dict:
         for number, layer in capture.layers.items()
     }
     loss_sum = torch.zeros(2, dtype=torch.float64)
-    batches = _batches(num_samples, rank, world, args.micro_batch_size)
+    batches = _batches(num_samples, rank, world, job.training.micro_batch_size)
     with capture, torch.no_grad():
         for indices in tqdm(batches, desc="analyze", unit="batch",
                             disable=not opts.progress or rank != 0):
             batch, domains, positions, dom_bs = _make_batch(dataset, indices, seq_length, sidecar,
                                                             device)
-            loss = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                         labels=batch["labels"])
+            loss = model_forward(model, batch)
             mask = batch["loss_mask"].float() * (dom_bs >= 0).to(device).float()
             loss_sum += torch.stack([(loss.float() * mask).sum(), mask.sum()]).double().cpu()
             for number, rec in capture.pop().items():
                 accs[number].update(rec.hidden, rec.logits, rec.routing_map, domains, positions)
 
-    dp_group = parallel_state.get_data_parallel_group()
+    dp_group = pg_collection.dp
     if world > 1:
         packed = loss_sum.to(device)
         dist.all_reduce(packed, group=dp_group)

@@ -3,8 +3,10 @@
 Replace ``deepspeed.moe.layer.MoE`` with ``SpecializationMoE`` and pass the coefficients::
 
     from megatron_patch.deepspeed import SpecializationMoE
+    from megatron_patch.moe.loss_config import LossConfig
     moe = SpecializationMoE(hidden_size, expert, num_experts=8, ep_size=2, k=2,
-                            ortho_coeff=1e-2, var_coeff=1e-2)      # beta, gamma
+                            losses=LossConfig(moe_ortho_loss_coeff=1e-2,     # beta
+                                              moe_var_loss_coeff=1e-2))      # gamma
     output, l_aux, exp_counts = moe(hidden_states)                 # l_aux = l_aux + b*L_o + g*L_v
     moe.specialization_losses                                      # (l_aux, ortho, var, total)
 
@@ -25,17 +27,19 @@ experts/non-experts (``mpu`` with TP > 1).
 """
 
 try:
-    from megatron_patch.deepspeed.layer import SpecializationLosses, SpecializationMoE, SpecializationMOELayer
+    from megatron_patch.deepspeed.layer import (
+        DeepSpeedSpecializationLayer,
+        SpecializationLosses,
+        SpecializationMoE,
+    )
 except ImportError as error:
     raise ImportError("megatron_patch.deepspeed needs deepspeed 0.19.x (its sparse-route MOELayer); install "
                       "it as requirements-deepspeed.txt says") from error
-from megatron_patch.deepspeed.metrics import specialization_metrics
-from megatron_patch.deepspeed.settings import SpecializationSettings
+from megatron_patch.deepspeed.loss_values import specialization_loss_values
 
 __all__ = [
+    "DeepSpeedSpecializationLayer",
     "SpecializationLosses",
     "SpecializationMoE",
-    "SpecializationMOELayer",
-    "SpecializationSettings",
-    "specialization_metrics",
+    "specialization_loss_values",
 ]

@@ -1,7 +1,8 @@
 """DeepSpeed-MoE layers that add L_o and L_v to the ``l_aux`` they return.
 
 ``SpecializationMoE`` is a drop-in ``deepspeed.moe.layer.MoE``: same constructor (plus the loss
-settings), same ``forward`` returning ``(output, l_aux, exp_counts)``, same parameters and
+settings, a ``LossConfig``: the knob set of every backend), same ``forward`` returning
+``(output, l_aux, exp_counts)``, same parameters and
 state-dict keys, and DeepSpeed's engine recognizes it as an MoE layer (expert groups, expert
 gradient reduction). The returned ``l_aux`` is ``l_aux + beta * L_o + gamma * L_v``, so training
 code that adds ``l_aux`` to its loss trains the new losses too; the parts are in
@@ -22,7 +23,25 @@ from megatron_patch.deepspeed.gate import SpecializationTopKGate
 from megatron_patch.deepspeed.objectives import ortho_sum, variance_sum
 from megatron_patch.deepspeed.reduction import group_means
 from megatron_patch.deepspeed.routes import combine_routes, gather_routes
-from megatron_patch.deepspeed.settings import SpecializationSettings
+from megatron_patch.moe.loss_config import AUTO, LossConfig, SpecializationConfigError
+
+
+def check_losses(losses: LossConfig, k: int) -> None:
+    """Refuse settings the DeepSpeed layer cannot honour, naming the setting and the fix."""
+    if losses.auto:
+        raise SpecializationConfigError(
+            f"DeepSpeed-MoE layers take fixed coefficients: '{AUTO}' calibration is part of "
+            "megatron_patch's megatron-core trainer. Pass numbers for moe_ortho_loss_coeff and "
+            "moe_var_loss_coeff.")
+    if losses.moe_ortho_loss_kernel != "torch":
+        raise SpecializationConfigError(
+            "DeepSpeed-MoE layers compute L_o with the torch kernel; set "
+            "moe_ortho_loss_kernel='torch'.")
+    if losses.ortho_loss_enabled and k < 2:
+        raise SpecializationConfigError(
+            f"moe_ortho_loss_coeff={losses.moe_ortho_loss_coeff} needs top-k routing with k >= 2 "
+            f"(got k={k}): L_o is identically zero for k=1. Use k >= 2 or set "
+            "moe_ortho_loss_coeff=0.")
 
 
 class SpecializationLosses(NamedTuple):
@@ -40,7 +59,7 @@ class SpecializationLosses(NamedTuple):
     total: torch.Tensor
 
 
-class SpecializationMOELayer(MOELayer):
+class DeepSpeedSpecializationLayer(MOELayer):
     """``MOELayer`` whose forward also computes L_o and L_v and adds them to ``self.l_aux``.
 
     Data flow of ``forward`` (DeepSpeed's, with the combine split in two):
@@ -56,15 +75,15 @@ class SpecializationMOELayer(MOELayer):
     TP > 1), where DeepSpeed drops and re-gathers duplicate tokens around the all-to-alls.
     """
 
-    settings: SpecializationSettings
+    settings: LossConfig
     losses: Optional[SpecializationLosses]
 
     @classmethod
-    def from_layer(cls, layer: MOELayer, settings: SpecializationSettings) -> "SpecializationMOELayer":
+    def from_layer(cls, layer: MOELayer, settings: LossConfig) -> "DeepSpeedSpecializationLayer":
         """The same layer (gate weights, experts, EP settings) with the specialization losses."""
         if layer.use_tutel:
             raise NotImplementedError("the specialization losses do not support use_tutel=True")
-        settings.check_topk(layer.gate.k)
+        check_losses(settings, layer.gate.k)
         converted = cls.__new__(cls)
         converted.__dict__.update(layer.__dict__)
         converted.gate = SpecializationTopKGate.from_gate(layer.gate)
@@ -107,19 +126,19 @@ class SpecializationMOELayer(MOELayer):
         """``l_aux + beta * L_o + gamma * L_v``, with the group means of ``reduction``."""
         settings = self.settings
         terms = {}  # name -> (local sum, local count)
-        if settings.ortho_enabled:
-            terms["ortho"] = ortho_sum(routed, kept, settings.ortho_form, settings.ortho_eps,
-                                       settings.ortho_normalize)
-        if settings.var_enabled:
+        if settings.ortho_loss_enabled:
+            terms["ortho"] = ortho_sum(routed, kept, settings.moe_ortho_loss_form,
+                                       settings.moe_ortho_loss_eps, settings.moe_ortho_loss_normalize)
+        if settings.var_loss_enabled:
             terms["var"] = variance_sum(scores)
         sums, counts = [s for s, _ in terms.values()], [c for _, c in terms.values()]
         means = dict(zip(terms, group_means(sums, counts, self.ep_group)))
         ortho, var = means.get("ortho"), means.get("var")
         total = l_aux
         if ortho is not None:
-            total = total + settings.ortho_coeff * ortho
+            total = total + settings.moe_ortho_loss_coeff * ortho
         if var is not None:
-            total = total + settings.var_coeff * var
+            total = total + settings.moe_var_loss_coeff * var
         self.losses = SpecializationLosses(l_aux, ortho, var, total)
         return total
 
@@ -130,21 +149,18 @@ class SpecializationMoE(MoE):
     Args:
         *args, **kwargs: those of ``deepspeed.moe.layer.MoE`` (hidden_size, expert, num_experts,
             ep_size, k, capacity_factor, drop_tokens, ...).
-        ortho_coeff: beta >= 0 (0 disables L_o; > 0 needs k >= 2).
-        var_coeff: gamma >= 0 (0 disables L_v).
-        ortho_form: ``"span"`` (default) or ``"pairwise"``.
-        ortho_eps: regularizer of the L_o form.
-        ortho_normalize: L_o of the unit-normalized expert outputs (scale-free; not in the paper).
+        losses: beta (``moe_ortho_loss_coeff``, 0 disables L_o, > 0 needs k >= 2), gamma
+            (``moe_var_loss_coeff``), the L_o form, eps and normalization; fixed coefficients
+            and the torch kernel (``check_losses``). Default: both losses off.
 
     ``forward(hidden_states [..., M], used_token=None)`` returns ``(output [..., M],
     l_aux + beta * L_o + gamma * L_v, exp_counts [E])``.
     """
 
-    def __init__(self, *args: Any, ortho_coeff: float = 0.0, var_coeff: float = 0.0, ortho_form: str = "span",
-                 ortho_eps: float = 1e-6, ortho_normalize: bool = False, **kwargs: Any) -> None:
-        settings = SpecializationSettings(ortho_coeff, var_coeff, ortho_form, ortho_eps, ortho_normalize)
+    def __init__(self, *args: Any, losses: Optional[LossConfig] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.deepspeed_moe = SpecializationMOELayer.from_layer(self.deepspeed_moe, settings)
+        self.deepspeed_moe = DeepSpeedSpecializationLayer.from_layer(
+            self.deepspeed_moe, losses or LossConfig())
 
     @property
     def specialization_losses(self) -> Optional[SpecializationLosses]:

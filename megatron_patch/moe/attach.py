@@ -18,9 +18,12 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
+    get_moe_layer_wise_logging_tracker,
     save_to_aux_losses_tracker,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_patch.moe.names import BALANCING_LOSS, ORTHO_LOSS, VAR_LOSS, Z_LOSS
 
 
 def global_count(
@@ -97,3 +100,34 @@ def attach_mean_loss(
     if config.calculate_per_token_loss:
         loss = loss * local_tokens
     return MoEAuxLossAutoScaler.apply(activation, loss)
+
+
+def reported_losses(config: TransformerConfig) -> list[str]:
+    """Tracker names of the MoE losses a model with ``config`` computes in training forwards."""
+    types = config.moe_router_load_balancing_type
+    types = [types] if isinstance(types, str) else list(types)
+    coeffs = config.moe_aux_loss_coeff
+    coeffs = [coeffs] * len(types) if not isinstance(coeffs, (list, tuple)) else list(coeffs)
+    names = [BALANCING_LOSS[kind] for kind, coeff in zip(types, coeffs)
+             if kind in BALANCING_LOSS and coeff > 0]
+    if config.moe_z_loss_coeff:
+        names.append(Z_LOSS)
+    names += [name for name, on in ((ORTHO_LOSS, getattr(config, "ortho_loss_enabled", False)),
+                                    (VAR_LOSS, getattr(config, "var_loss_enabled", False))) if on]
+    return names
+
+
+def ensure_tracked(names: list[str], config: TransformerConfig,
+                   tp_cp_group: Optional[dist.ProcessGroup], device: Optional[torch.device]) -> None:
+    """Give every name a (zero) entry in megatron's MoE loss tracker, so that reducing the tracker
+    runs the same collectives on every rank, also on a pipeline stage without MoE layers."""
+    tracker = get_moe_layer_wise_logging_tracker()
+    num_layers = config.num_layers + (config.mtp_num_layers or 0)
+    for name in names:
+        if name not in tracker:
+            tracker[name] = {
+                "values": torch.zeros(num_layers, device=device),
+                "reduce_group": tp_cp_group,
+                "avg_group": None,
+                "reduce_group_has_dp": False,
+            }

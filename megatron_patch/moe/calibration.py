@@ -13,7 +13,7 @@ written into the module buffers, so checkpoints carry them and a resumed run doe
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -23,12 +23,13 @@ from megatron.core.transformer.moe.moe_utils import (
     reduce_aux_losses_tracker_across_ranks,
 )
 
-from megatron_patch.moe.coefficients import ORTHO_LOSS_NAME, VAR_LOSS_NAME, recording_only
-from megatron_patch.moe.config import AUTO, SpecializationConfig
+from megatron_patch.moe.attach import ensure_tracked
+from megatron_patch.moe.coefficients import Modules, model_chunks, recording_only
+from megatron_patch.moe.config import SpecializationConfig
+from megatron_patch.moe.loss_config import AUTO, LossConfig
 from megatron_patch.moe.layer import SpecializationMoELayer
+from megatron_patch.moe.names import COEFFICIENT_FLAGS, ORTHO_LOSS, VAR_LOSS
 from megatron_patch.moe.router import SpecializationRouter
-
-Modules = Union[torch.nn.Module, Iterable[torch.nn.Module]]
 
 
 def power_of_ten_coefficient(raw_mean: float, target: float, flag: str) -> float:
@@ -41,20 +42,20 @@ def power_of_ten_coefficient(raw_mean: float, target: float, flag: str) -> float
     return 10.0 ** round(math.log10(target / abs(raw_mean)))
 
 
-def _coefficient_buffers(modules: Modules) -> dict[str, list[torch.Tensor]]:
-    chunks = [modules] if isinstance(modules, torch.nn.Module) else list(modules)
-    buffers: dict[str, list[torch.Tensor]] = {VAR_LOSS_NAME: [], ORTHO_LOSS_NAME: []}
-    for chunk in chunks:
+def coefficient_buffers(modules: Modules) -> dict[str, list[torch.Tensor]]:
+    """The coefficient buffers of ``modules``' specialization layers, by loss name."""
+    buffers: dict[str, list[torch.Tensor]] = {VAR_LOSS: [], ORTHO_LOSS: []}
+    for chunk in model_chunks(modules):
         for module in chunk.modules():
             if isinstance(module, SpecializationRouter):
-                buffers[VAR_LOSS_NAME].append(module.var_loss_coeff)
+                buffers[VAR_LOSS].append(module.var_loss_coeff)
             elif isinstance(module, SpecializationMoELayer):
-                buffers[ORTHO_LOSS_NAME].append(module.ortho_loss_coeff)
+                buffers[ORTHO_LOSS].append(module.ortho_loss_coeff)
     return buffers
 
 
 def reconcile_coefficients(
-    modules: Modules, config: SpecializationConfig, saved_args: Optional[dict], fresh: bool
+    modules: Modules, config: SpecializationConfig, saved: Optional[LossConfig], fresh: bool
 ) -> list[str]:
     """After a checkpoint load: make the coefficient buffers follow this run's flags.
 
@@ -67,22 +68,19 @@ def reconcile_coefficients(
     Args:
         modules: this rank's model chunks.
         config: this run's specialization settings.
-        saved_args: the checkpoint's run flags (``vars(args)``), or None.
+        saved: the loss settings of the checkpoint's run, or None (unknown).
         fresh: fine-tuning: never keep a calibrated value.
 
     Returns:
         One line per coefficient whose value changed (identical on every rank).
     """
-    flags = {
-        ORTHO_LOSS_NAME: ("--moe-ortho-loss-coeff", "moe_ortho_loss_coeff"),
-        VAR_LOSS_NAME: ("--moe-var-loss-coeff", "moe_var_loss_coeff"),
-    }
+    fields = {ORTHO_LOSS: "moe_ortho_loss_coeff", VAR_LOSS: "moe_var_loss_coeff"}
     messages = []
-    for name, buffers in _coefficient_buffers(modules).items():
-        flag, field = flags[name]
+    for name, buffers in coefficient_buffers(modules).items():
+        flag, field = COEFFICIENT_FLAGS[name], fields[name]
         wanted = getattr(config, field)
-        saved = None if saved_args is None else saved_args.get(field)
-        if wanted == AUTO and saved == AUTO and not fresh:
+        saved_value = None if saved is None else getattr(saved, field)
+        if wanted == AUTO and saved_value == AUTO and not fresh:
             continue
         value = float("nan") if wanted == AUTO else float(wanted)
         for buffer in buffers:
@@ -100,7 +98,7 @@ def needs_calibration(modules: Modules) -> bool:
     """True if any local coefficient buffer is still NaN (``"auto"`` and not calibrated)."""
     return any(
         bool(torch.isnan(buffer).item())
-        for buffers in _coefficient_buffers(modules).values()
+        for buffers in coefficient_buffers(modules).values()
         for buffer in buffers
     )
 
@@ -138,10 +136,10 @@ def calibrate_coefficients(
         ``{"ortho_loss": beta, "var_loss": gamma}`` for the losses that were calibrated.
     """
     todo = {}
-    if config.moe_ortho_loss_coeff == "auto":
-        todo[ORTHO_LOSS_NAME] = (config.moe_ortho_loss_target, "--moe-ortho-loss-coeff")
-    if config.moe_var_loss_coeff == "auto":
-        todo[VAR_LOSS_NAME] = (config.moe_var_loss_target, "--moe-var-loss-coeff")
+    if config.moe_ortho_loss_coeff == AUTO:
+        todo[ORTHO_LOSS] = config.moe_ortho_loss_target
+    if config.moe_var_loss_coeff == AUTO:
+        todo[VAR_LOSS] = config.moe_var_loss_target
     if not todo:
         return {}
     tracker = get_moe_layer_wise_logging_tracker()
@@ -150,26 +148,19 @@ def calibrate_coefficients(
         if pg_collection is not None
         else parallel_state.get_tensor_and_context_parallel_group()
     )
-    num_layers = config.num_layers + (config.mtp_num_layers or 0)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     for name in todo:
-        # Every rank needs the entry, also a pipeline stage without MoE layers, so that the
-        # reduction below runs the same collectives everywhere.
-        tracker[name] = {
-            "values": torch.zeros(num_layers, device=device),
-            "reduce_group": tp_cp_group,
-            "avg_group": None,
-            "reduce_group_has_dp": False,
-        }
-    with torch.no_grad(), recording_only():
+        tracker.pop(name, None)
+    ensure_tracked(list(todo), config, tp_cp_group, device)
+    with torch.no_grad(), recording_only(modules):
         run_forward()
     reduce_aux_losses_tracker_across_ranks(list(todo), pg_collection=pg_collection)
 
-    buffers = _coefficient_buffers(modules)
+    buffers = coefficient_buffers(modules)
     result = {}
-    for name, (target, flag) in todo.items():
+    for name, target in todo.items():
         raw_mean = tracker[name]["values"].sum().item() / (num_moe_layers(config) * num_microbatches)
-        result[name] = power_of_ten_coefficient(raw_mean, target, flag)
+        result[name] = power_of_ten_coefficient(raw_mean, target, COEFFICIENT_FLAGS[name])
         for buffer in buffers[name]:
             buffer.fill_(result[name])
         tracker[name]["values"].zero_()

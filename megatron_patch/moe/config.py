@@ -1,107 +1,33 @@
-"""Configuration of the specialization losses: a TransformerConfig subclass, validated at construction.
+"""SpecializationConfig: megatron-core's TransformerConfig plus the loss settings, validated at
+construction.
 
-Each field maps to a Megatron-style flag (see megatron_patch/training/arguments.py):
-
-=========================  ===============================  =====================================
-field                      flag                             meaning
-=========================  ===============================  =====================================
-moe_ortho_loss_coeff       --moe-ortho-loss-coeff           beta >= 0, or "auto" (calibrated)
-moe_ortho_loss_form        --moe-ortho-loss-form            "span" (released code) | "pairwise"
-moe_ortho_loss_eps         --moe-ortho-loss-eps             regularizer of the Gram solves
-moe_ortho_loss_normalize   --moe-ortho-loss-normalize       L_o of the unit-normalized outputs
-moe_ortho_loss_target      --moe-ortho-loss-target          magnitude "auto" calibrates beta*L_o to
-moe_ortho_loss_kernel      --moe-ortho-loss-kernel          "torch" | "triton" (fused, CUDA)
-moe_var_loss_coeff         --moe-var-loss-coeff             gamma >= 0, or "auto" (calibrated)
-moe_var_loss_target        --moe-var-loss-target            magnitude "auto" calibrates gamma*|L_v| to
-=========================  ===============================  =====================================
+The loss fields, their flags and their own checks are those of ``LossConfig``
+(``megatron_patch/moe/loss_config.py``); the checks here are the ones that need the rest of the
+model's configuration (routing, dispatcher, fused paths).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Union
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.moe.gated_gram import GRAM_KERNELS
-from megatron_patch.moe.losses import ORTHO_FORMS
+from megatron_patch.moe.loss_config import LossConfig, SpecializationConfigError
 
-AUTO = "auto"
-Coefficient = Union[float, str]
-
-
-class SpecializationConfigError(ValueError):
-    """A specialization-loss setting that cannot work; the message names the flag and the fix."""
-
-
-def _check_coefficient(value: Coefficient, flag: str) -> None:
-    if isinstance(value, str):
-        if value != AUTO:
-            raise SpecializationConfigError(
-                f"{flag} must be a non-negative number or '{AUTO}', got {value!r}."
-            )
-        return
-    if not math.isfinite(value) or value < 0:
-        raise SpecializationConfigError(
-            f"{flag} must be a finite number >= 0 (0 disables the loss) or '{AUTO}', got {value}."
-        )
-
-
-def coefficient_enabled(value: Coefficient) -> bool:
-    """True when the loss with this coefficient is part of the objective."""
-    return value == AUTO or float(value) > 0
+__all__ = ["SpecializationConfig", "SpecializationConfigError"]
 
 
 @dataclass
-class SpecializationConfig(TransformerConfig):
+class SpecializationConfig(TransformerConfig, LossConfig):
     """TransformerConfig plus the orthogonality (L_o) and variance (L_v) loss settings."""
 
-    moe_ortho_loss_coeff: Coefficient = 0.0
-    moe_ortho_loss_form: str = "span"
-    moe_ortho_loss_eps: float = 1e-6
-    moe_ortho_loss_normalize: bool = False
-    moe_ortho_loss_target: float = 1e-4
-    moe_ortho_loss_kernel: str = "torch"
-    moe_var_loss_coeff: Coefficient = 0.0
-    moe_var_loss_target: float = 1e-3
-
     def __post_init__(self) -> None:
-        super().__post_init__()
+        TransformerConfig.__post_init__(self)
+        LossConfig.__post_init__(self)
         self.validate_specialization()
 
-    @property
-    def ortho_loss_enabled(self) -> bool:
-        return coefficient_enabled(self.moe_ortho_loss_coeff)
-
-    @property
-    def var_loss_enabled(self) -> bool:
-        return coefficient_enabled(self.moe_var_loss_coeff)
-
     def validate_specialization(self) -> None:
-        """Raise SpecializationConfigError for settings under which a loss would be wrong."""
-        _check_coefficient(self.moe_ortho_loss_coeff, "--moe-ortho-loss-coeff")
-        _check_coefficient(self.moe_var_loss_coeff, "--moe-var-loss-coeff")
-        if self.moe_ortho_loss_form not in ORTHO_FORMS:
-            raise SpecializationConfigError(
-                f"--moe-ortho-loss-form must be one of {', '.join(ORTHO_FORMS)}, "
-                f"got {self.moe_ortho_loss_form!r}."
-            )
-        if self.moe_ortho_loss_kernel not in GRAM_KERNELS:
-            raise SpecializationConfigError(
-                f"--moe-ortho-loss-kernel must be one of {', '.join(GRAM_KERNELS)}, "
-                f"got {self.moe_ortho_loss_kernel!r}."
-            )
-        if not self.moe_ortho_loss_eps > 0:
-            raise SpecializationConfigError(
-                f"--moe-ortho-loss-eps must be > 0, got {self.moe_ortho_loss_eps}."
-            )
-        for flag, target in (
-            ("--moe-ortho-loss-target", self.moe_ortho_loss_target),
-            ("--moe-var-loss-target", self.moe_var_loss_target),
-        ):
-            if not (math.isfinite(target) and target > 0):
-                raise SpecializationConfigError(f"{flag} must be a finite number > 0, got {target}.")
+        """Raise SpecializationConfigError for model settings under which a loss would be wrong."""
         if not (self.ortho_loss_enabled or self.var_loss_enabled):
             return
         if self.num_moe_experts is None:

@@ -11,15 +11,16 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_patch.moe.attach import attach_mean_loss, global_count
 from megatron_patch.moe.coefficients import (
-    ORTHO_LOSS_NAME,
+    RECORDING_ONLY_ATTR,
     check_calibrated,
     initial_coefficient,
-    is_recording_only,
+    loss_active,
 )
 from megatron_patch.moe.config import SpecializationConfig
 from megatron_patch.moe.dispatcher import UnweightedCombineAlltoAllDispatcher
 from megatron_patch.moe.gated_gram import gated_gram
 from megatron_patch.moe.losses import projection_norms
+from megatron_patch.moe.names import COEFFICIENT_FLAGS, ORTHO_LOSS
 
 
 class SpecializationMoELayer(MoELayer):
@@ -55,6 +56,8 @@ class SpecializationMoELayer(MoELayer):
             initial_coefficient(config.moe_ortho_loss_coeff, self.router.weight.device),
         )
         self._coeff_checked = False
+        setattr(self, RECORDING_ONLY_ATTR, False)
+        # [T_local] bool (True = padding) of the forward in progress, set by ``route``.
         self._padding: Optional[torch.Tensor] = None
         if config.ortho_loss_enabled:
             self.token_dispatcher = UnweightedCombineAlltoAllDispatcher(
@@ -66,14 +69,17 @@ class SpecializationMoELayer(MoELayer):
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
 
-    def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
-        """MoELayer.forward; remembers ``padding_mask`` ([B, S], True = padding, the convention
-        megatron-core's router and aux losses apply) so L_o leaves padding tokens out."""
-        self._padding = None if padding_mask is None else padding_mask.transpose(0, 1).reshape(-1)
-        return super().forward(hidden_states, intermediate_tensors, padding_mask)
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """MoELayer.route; remembers ``padding_mask`` ([S, B], True = padding, the convention
+        megatron-core's router and aux losses apply) so L_o leaves padding tokens out.
 
-    def _ortho_loss_active(self) -> bool:
-        return is_recording_only() or (self.training and torch.is_grad_enabled())
+        Every forward variant runs ``route`` before its ``combine``, in the same call: the plain
+        forward, its recomputation under selective MoE recompute (which can run after other
+        micro-batches' forwards, with pipeline schedules) and the fine-grained overlap schedule,
+        which never calls ``forward``.
+        """
+        self._padding = None if padding_mask is None else padding_mask.reshape(-1)
+        return super().route(hidden_states, padding_mask)
 
     def combine(self, output: torch.Tensor) -> torch.Tensor:
         """Combine all-to-all, then the gates, with L_o on the unweighted rows.
@@ -87,14 +93,14 @@ class SpecializationMoELayer(MoELayer):
         rows = super().combine(output)
         if not self.config.ortho_loss_enabled:
             return rows
-        if self._ortho_loss_active():
+        if loss_active(self):
             return self._gates_with_ortho_loss(rows)
         return self.token_dispatcher.apply_gates(rows)
 
     def _gates_with_ortho_loss(self, rows: torch.Tensor) -> torch.Tensor:
-        attach = not is_recording_only()
+        attach = not getattr(self, RECORDING_ONLY_ATTR)
         if attach and not self._coeff_checked:
-            check_calibrated(self.ortho_loss_coeff, "--moe-ortho-loss-coeff")
+            check_calibrated(self.ortho_loss_coeff, COEFFICIENT_FLAGS[ORTHO_LOSS])
             self._coeff_checked = True
         slots = self.token_dispatcher.token_slots()
         gated, gram = gated_gram(
@@ -127,7 +133,7 @@ class SpecializationMoELayer(MoELayer):
             count=count,
             local_tokens=local_tokens,
             coeff=self.ortho_loss_coeff,
-            name=ORTHO_LOSS_NAME,
+            name=ORTHO_LOSS,
             config=self.config,
             layer_number=self.layer_number,
             reduce_group=self.tp_cp_group,

@@ -11,14 +11,15 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_patch.moe.attach import attach_mean_loss, global_count
 from megatron_patch.moe.coefficients import (
-    VAR_LOSS_NAME,
+    RECORDING_ONLY_ATTR,
     check_calibrated,
     initial_coefficient,
-    is_recording_only,
+    loss_active,
 )
 from megatron_patch.moe.config import SpecializationConfig
 from megatron_patch.moe.losses import routing_variance_per_token
-from megatron_patch.moe.metrics import record_routing, routing_stats_enabled
+from megatron_patch.moe.names import COEFFICIENT_FLAGS, VAR_LOSS
+from megatron_patch.moe.routing_stats import RoutingStatistics, is_training_forward
 
 
 # megatron-core 0.16.1 defines moe_utils.te_general_gemm only when Transformer Engine imports, but
@@ -56,6 +57,9 @@ class SpecializationRouter(TopKRouter):
 
     Reduction: the mean over a micro-batch's tokens; this rank's partial sum is divided by the
     token count summed over TP x CP (see ``megatron_patch.moe.attach``).
+
+    With ``routing_statistics`` set (``RoutingStatistics.attach``), training forwards also record
+    the routing decisions for the load / MaxVio / entropy logs.
     """
 
     def __init__(
@@ -66,11 +70,8 @@ class SpecializationRouter(TopKRouter):
             "var_loss_coeff", initial_coefficient(config.moe_var_loss_coeff, self.weight.device)
         )
         self._coeff_checked = False
-
-    def _var_loss_active(self) -> bool:
-        if not self.config.var_loss_enabled:
-            return False
-        return is_recording_only() or (self.training and torch.is_grad_enabled())
+        setattr(self, RECORDING_ONLY_ATTR, False)
+        self.routing_statistics: Optional[RoutingStatistics] = None
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Top-k routing (megatron-core) with L_v attached to the returned probs.
@@ -84,13 +85,15 @@ class SpecializationRouter(TopKRouter):
             (probs [S*B, E], routing_map [S*B, E]) as megatron-core's TopKRouter.
         """
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        var_loss_active = self._var_loss_active()
-        if not (var_loss_active or routing_stats_enabled()):
+        var_loss_active = self.config.var_loss_enabled and loss_active(self)
+        record = self.routing_statistics is not None and is_training_forward(self)
+        if not (var_loss_active or record):
             return probs, routing_map
         scores = routing_scores(
             logits.reshape(-1, self.config.num_moe_experts), self.score_function
         )
-        record_routing(self.layer_number, routing_map, scores)
+        if record:
+            self.routing_statistics.record(self.layer_number, routing_map, scores, padding_mask)
         if var_loss_active:
             probs = self._attach_var_loss(probs, scores, padding_mask)
         return probs, routing_map
@@ -98,9 +101,9 @@ class SpecializationRouter(TopKRouter):
     def _attach_var_loss(
         self, probs: torch.Tensor, scores: torch.Tensor, padding_mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        attach = not is_recording_only()
+        attach = not getattr(self, RECORDING_ONLY_ATTR)
         if attach and not self._coeff_checked:
-            check_calibrated(self.var_loss_coeff, "--moe-var-loss-coeff")
+            check_calibrated(self.var_loss_coeff, COEFFICIENT_FLAGS[VAR_LOSS])
             self._coeff_checked = True
         variances = routing_variance_per_token(scores)
         if padding_mask is None:
@@ -119,7 +122,7 @@ class SpecializationRouter(TopKRouter):
             count=count,
             local_tokens=local_tokens,
             coeff=self.var_loss_coeff,
-            name=VAR_LOSS_NAME,
+            name=VAR_LOSS,
             config=self.config,
             layer_number=self.layer_number,
             reduce_group=self.tp_cp_group,

@@ -22,10 +22,11 @@ of the other experts (``megatron_patch.optimizer.projection``). What spans the s
 The gradient, not the Adam update, is projected, as OWM does with SGD. Which choices follow the
 paper and which are ours: README, "Orthogonal expert optimizer".
 
-Process groups: the d x d second moments of an expert's (TP-sharded) weight are summed over the
-expert-tensor-parallel group (representation moments over the expert-data-parallel group, see
-``representations``), and the per-layer totals over the expert-parallel group, so each rank's
-projected gradients equal a single-process run's. Data-parallel replicas hold identical weights
+Process groups (``pg_collection``, megatron's global ones by default, as for the MoE layer): the
+d x d second moments of an expert's (TP-sharded) weight are summed over the expert-tensor-parallel
+group ``expt_tp`` (representation moments over the expert-data-parallel group ``expt_dp``, see
+``representations``), and the per-layer totals over the expert-parallel group ``ep``, so each
+rank's projected gradients equal a single-process run's. Data-parallel replicas hold identical weights
 and gradients (after DDP), so nothing else runs over DP.
 """
 
@@ -36,10 +37,12 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
+from megatron_patch.flags import ConfigError, option
 from megatron_patch.moe.experts import sequential_experts
 from megatron_patch.optimizer.projection import project, second_moment
 from megatron_patch.optimizer.representations import ExpertRepresentationMoments
@@ -49,20 +52,34 @@ PARAMS = ("fc1", "fc2", "both")
 STATE_KEY = "orthogonal_optimizer"
 
 
-class OrthogonalOptimizerError(ValueError):
+class OrthogonalOptimizerError(ConfigError):
     """A setting the orthogonal optimizer cannot honour; the message names the flag and fix."""
 
 
 @dataclass
 class OrthogonalOptimizerConfig:
-    """Flags ``--moe-orthogonal-*`` of the pretraining entry point."""
+    """The orthogonal expert optimizer's section of the job (flags ``--moe-orthogonal-*``)."""
 
-    accumulate_steps: int = 4
-    orthogonal_steps: int = 1
-    alpha: float = 1.0
-    subspace: str = "weights"
-    params: str = "both"
-    window: int = 1
+    enabled: bool = option(
+        False, "alternate plain steps with steps whose expert gradients are projected "
+        "orthogonally to the other experts' subspace", flag="--moe-orthogonal-optimizer")
+    accumulate_steps: int = option(4, "N: plain steps of each cycle",
+                                   flag="--moe-orthogonal-accumulate-steps")
+    orthogonal_steps: int = option(
+        1, "M: projected steps of each cycle (0: the base optimizer only)",
+        flag="--moe-orthogonal-steps")
+    alpha: float = option(1.0, "OWM regularizer a of P = a (S_others + a I)^-1",
+                          flag="--moe-orthogonal-alpha")
+    subspace: str = option(
+        "weights", "what spans another expert's subspace: its current weight rows/columns "
+        "(weights), or the hidden states it was routed and the outputs it produced in the last "
+        "--moe-orthogonal-window accumulating steps (representations)",
+        choices=SUBSPACES, flag="--moe-orthogonal-subspace")
+    params: str = option("both", "which expert weight matrices are projected", choices=PARAMS,
+                         flag="--moe-orthogonal-params")
+    window: int = option(
+        1, "representations: how many of the last accumulating steps of each cycle are recorded",
+        flag="--moe-orthogonal-window")
 
     def __post_init__(self) -> None:
         if self.accumulate_steps < 0 or self.orthogonal_steps < 0:
@@ -93,18 +110,6 @@ class OrthogonalOptimizerConfig:
                 f"and --moe-orthogonal-steps >= 1 ({self.orthogonal_steps})"
             )
 
-    @classmethod
-    def from_args(cls, args: Any) -> "OrthogonalOptimizerConfig":
-        """From the ``--moe-orthogonal-*`` flags (validated here)."""
-        return cls(
-            accumulate_steps=args.moe_orthogonal_accumulate_steps,
-            orthogonal_steps=args.moe_orthogonal_steps,
-            alpha=args.moe_orthogonal_alpha,
-            subspace=args.moe_orthogonal_subspace,
-            params=args.moe_orthogonal_params,
-            window=args.moe_orthogonal_window,
-        )
-
     @property
     def kinds(self) -> tuple[str, ...]:
         """The weight matrices that are projected."""
@@ -121,14 +126,15 @@ class OrthogonalOptimizerConfig:
                 and self.accumulate_steps - self.window <= position < self.accumulate_steps)
 
 
-def _weight_moments(experts: SequentialMLP, kind: str) -> torch.Tensor:
+def _weight_moments(experts: SequentialMLP, kind: str,
+                    pg_collection: ProcessGroupCollection) -> torch.Tensor:
     """Second moments of each local expert's fc1 rows / fc2 columns, [E_local, H, H] float64.
 
     Summed over the expert-tensor-parallel group (each rank holds a slice of the rows/columns).
     """
     weights = [getattr(e, f"linear_{kind}").weight for e in experts.local_experts]
     own = torch.stack([second_moment(w if kind == "fc1" else w.t()) for w in weights])
-    dist.all_reduce(own, group=parallel_state.get_expert_tensor_parallel_group())
+    dist.all_reduce(own, group=pg_collection.expt_tp)
     return own
 
 
@@ -136,6 +142,7 @@ def project_expert_gradients(
     experts: SequentialMLP,
     config: OrthogonalOptimizerConfig,
     own_moments: Optional[Callable[[str], torch.Tensor]] = None,
+    pg_collection: Optional[ProcessGroupCollection] = None,
 ) -> None:
     """Project ``main_grad`` (or ``grad``) of every local expert of one MoE layer in place.
 
@@ -146,12 +153,14 @@ def project_expert_gradients(
             spanning vectors, identical on all ranks holding the same experts; default: of their
             weights (``_weight_moments``). The per-layer total is summed over the expert-parallel
             group.
+        pg_collection: ``ep`` and ``expt_tp`` (default: megatron's global groups).
     """
-    own_moments = own_moments or (lambda kind: _weight_moments(experts, kind))
+    pg_collection = pg_collection or get_default_pg_collection()
+    own_moments = own_moments or (lambda kind: _weight_moments(experts, kind, pg_collection))
     for kind in config.kinds:
         own = own_moments(kind)
         total = own.sum(0)
-        dist.all_reduce(total, group=parallel_state.get_expert_model_parallel_group())
+        dist.all_reduce(total, group=pg_collection.ep)
         for expert, own_moment in zip(experts.local_experts, own):
             weight = getattr(expert, f"linear_{kind}").weight
             grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
@@ -175,12 +184,14 @@ class OrthogonalExpertOptimizer:
         base: MegatronOptimizer,
         model_chunks: list[torch.nn.Module],
         config: OrthogonalOptimizerConfig,
+        pg_collection: Optional[ProcessGroupCollection] = None,
     ) -> None:
+        pg_collection = pg_collection or get_default_pg_collection()
         ddp_config = getattr(model_chunks[0], "ddp_config", None)
         if (
             ddp_config is not None
             and ddp_config.use_distributed_optimizer
-            and parallel_state.get_expert_data_parallel_world_size() > 1
+            and pg_collection.expt_dp.size() > 1
         ):
             raise OrthogonalOptimizerError(
                 "--moe-orthogonal-optimizer needs whole expert gradients on each rank; with "
@@ -190,7 +201,7 @@ class OrthogonalExpertOptimizer:
         if (
             config.subspace == "representations"
             and "fc2" in config.kinds
-            and parallel_state.get_expert_tensor_parallel_world_size() > 1
+            and pg_collection.expt_tp.size() > 1
         ):
             raise OrthogonalOptimizerError(
                 "--moe-orthogonal-subspace representations with fc2 needs whole expert outputs; "
@@ -199,6 +210,7 @@ class OrthogonalExpertOptimizer:
             )
         self.base = base
         self.config = config
+        self.pg_collection = pg_collection
         self.experts = list(
             sequential_experts(model_chunks, "--moe-orthogonal-optimizer", OrthogonalOptimizerError)
         )
@@ -207,7 +219,7 @@ class OrthogonalExpertOptimizer:
                 "--moe-orthogonal-optimizer found no MoE experts: set --num-experts"
             )
         self.representations = {
-            number: ExpertRepresentationMoments(experts, number, config.kinds)
+            number: ExpertRepresentationMoments(experts, number, config.kinds, pg_collection)
             for number, experts in self.experts
         } if config.subspace == "representations" else {}
         self.start_at(0)
@@ -231,7 +243,8 @@ class OrthogonalExpertOptimizer:
         if config.is_orthogonal_step(step):
             for number, experts in self.experts:
                 moments = self.representations.get(number)
-                project_expert_gradients(experts, config, moments and moments.averages)
+                project_expert_gradients(experts, config, moments and moments.averages,
+                                         self.pg_collection)
         self.start_at(step + 1)
         if config.is_recording_step(step + 1) and not config.is_recording_step(step):
             for moments in self.representations.values():  # a new recording window

@@ -22,13 +22,14 @@ an expert-tensor-parallel group; fc2 outputs are partial sums there, hence refus
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 
 class ExpertRepresentationMoments:
@@ -38,9 +39,12 @@ class ExpertRepresentationMoments:
         experts: the layer's ``SequentialMLP`` (hooks go on each local expert's fc1/fc2).
         layer_number: the layer's global number (checkpoint keys).
         kinds: ``("fc1",)``, ``("fc2",)`` or both.
+        pg_collection: ``ep``, ``expt_tp`` and ``expt_dp`` (default: megatron's global groups).
     """
 
-    def __init__(self, experts: SequentialMLP, layer_number: int, kinds: tuple[str, ...]) -> None:
+    def __init__(self, experts: SequentialMLP, layer_number: int, kinds: tuple[str, ...],
+                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+        self.pg_collection = pg_collection or get_default_pg_collection()
         self.layer_number = layer_number
         self.kinds = kinds
         self.recording = False
@@ -76,7 +80,7 @@ class ExpertRepresentationMoments:
 
     def flush(self) -> None:
         """Collective over the expert-data-parallel group: add this step's sums, all ranks alike."""
-        group = parallel_state.get_expert_data_parallel_group()
+        group = self.pg_collection.expt_dp
         flat = torch.cat([self._pending[k].flatten() for k in self.kinds] + [self._pending_counts])
         dist.all_reduce(flat, group=group)
         offset = 0
@@ -99,10 +103,9 @@ class ExpertRepresentationMoments:
 
     def sharded_state_dict(self, prefix: str) -> dict[str, Any]:
         """ShardedTensors over the expert-parallel group; EDP and ETP ranks hold replicas."""
-        ep_rank = parallel_state.get_expert_model_parallel_rank()
-        ep_size = parallel_state.get_expert_model_parallel_world_size()
-        replica = (0, parallel_state.get_expert_tensor_parallel_rank(),
-                   parallel_state.get_expert_data_parallel_rank())
+        groups = self.pg_collection
+        ep_rank, ep_size = groups.ep.rank(), groups.ep.size()
+        replica = (0, groups.expt_tp.rank(), groups.expt_dp.rank())
         tensors = {**{f"{kind}_moments": self.moments[kind] for kind in self.kinds},
                    "counts": self.counts}
         return {name: ShardedTensor.from_rank_offsets(prefix + name, tensor, (0, ep_rank, ep_size),

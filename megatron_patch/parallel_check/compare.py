@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from megatron_patch.moe.names import ORTHO_LOSS, VAR_LOSS
 from megatron_patch.parallel_check.runner import Result
 
 
@@ -51,11 +52,14 @@ def diff_tensor(name: str, value: torch.Tensor, ref: torch.Tensor, tolerance: To
 
 
 def compare(result: Result, baseline: Result, tolerance: Tolerance) -> list[Diff]:
-    """Diffs of the LM loss, each tracker (per-layer vector) and each full gradient."""
+    """Diffs of the LM loss, each MoE loss (per-layer vector), the routing statistics and each
+    full gradient, and the coefficients."""
     diffs = [diff_tensor("lm_loss", torch.tensor(result.lm_loss), torch.tensor(baseline.lm_loss),
                          tolerance)]
     pairs = [(f"tracker/{k}", result.trackers, baseline.trackers, k)
              for k in sorted(set(result.trackers) | set(baseline.trackers))]
+    pairs += [(f"routing/{k}", result.routing, baseline.routing, k)
+              for k in sorted(set(result.routing) | set(baseline.routing))]
     pairs += [(f"grad/{k}", result.grads, baseline.grads, k)
               for k in sorted(set(result.grads) | set(baseline.grads))]
     for name, values, refs, key in pairs:
@@ -72,7 +76,7 @@ def _coefficient_diffs(result: Result, baseline: Result) -> list[Diff]:
     """L_o / L_v coefficients: every rank of the layout holds the baseline's value, exactly
     (calibration rounds to a power of ten from globally reduced values)."""
     diffs = []
-    for name in ("ortho_loss", "var_loss"):
+    for name in (ORTHO_LOSS, VAR_LOSS):
         ref = {v for rank in baseline.coefficients for v in rank.get(name, [])}
         got = {v for rank in result.coefficients for v in rank.get(name, [])}
         if not ref and not got:

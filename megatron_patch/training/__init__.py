@@ -1,4 +1,5 @@
-"""The pretraining entry point and its parts (arguments, model, optimizer, loop, checkpoints).
+"""The training entry point and its parts (config, arguments, model, optimizer, step, trainer,
+checkpoints, logger).
 
 Importing this package quiets two kinds of expected start-up noise of megatron-core 0.16.1:
 the notices that Transformer Engine / Apex are absent (always so on CPU; the NGC image has

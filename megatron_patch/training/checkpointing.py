@@ -13,15 +13,16 @@ save therefore leaves the previous checkpoint and the ``latest`` pointer untouch
 A checkpoint holds the model (including the calibrated L_o / L_v coefficients and the router's
 expert bias, which are module buffers), the optimizer (reshardable), the LR scheduler, the
 iteration and consumed samples (the data position), the model signature (checked before any tensor
-is loaded) and the per-rank RNG states (restored when the world size is unchanged). With
+is loaded), the job's configuration (``JobConfig.to_dict``, from which tools rebuild the model)
+and the per-rank RNG states (restored when the world size is unchanged). With
 ``finetune`` only the model is restored and training starts at iteration 0 (Megatron's
 ``--finetune``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import queue
 import random
 import shutil
 import warnings
@@ -38,6 +39,8 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_patch.optimizer.orthogonal import STATE_KEY as ORTHOGONAL_STATE_KEY
+from megatron_patch.training.config import JobConfig
+from megatron_patch.training.step import unwrap
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 
@@ -54,11 +57,23 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint cannot be loaded into this model; the message lists what differs."""
 
 
-def model_signature(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+def model_signature(job: JobConfig, vocab_size: int) -> dict[str, Any]:
     """The flag values that determine parameter shapes, plus the vocabulary size."""
-    signature = {flag: getattr(args, flag) for flag in SIGNATURE_FLAGS}
+    flat = job.flat()
+    signature = {flag: flat[flag] for flag in SIGNATURE_FLAGS}
     signature["vocab_size"] = vocab_size
     return signature
+
+
+def saved_job(common: dict[str, Any]) -> Optional[JobConfig]:
+    """The configuration of the run that wrote a checkpoint (its common state): ``job``, or the
+    flat ``args`` of checkpoints written before the configuration had sections; None if neither
+    (older still)."""
+    if common.get("job") is not None:
+        return JobConfig.from_dict(common["job"])
+    if common.get("args") is not None:
+        return JobConfig.from_flat(common["args"])
+    return None
 
 
 def checkpoint_path(root: str, iteration: int) -> Path:
@@ -104,11 +119,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside megatron's DDP wrapper (checkpoint keys carry no ``module.`` prefix)."""
-    return getattr(chunk, "module", chunk)
-
-
 # Optimizer state keyed by parameter (no "chained_<i>." prefix) in a reshardable format, so the
 # moments map onto the parameters of another TP/PP layout.
 OPTIMIZER_METADATA = {
@@ -130,7 +140,7 @@ def _sharded_state(
     is_loading: bool,
 ) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model_state = _unwrap(model[0]).sharded_state_dict()
+    model_state = unwrap(model[0]).sharded_state_dict()
     state = {"model": model_state}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -146,6 +156,24 @@ def _sharded_state(
     }
 
 
+def use_in_process_results_queue() -> None:
+    """Give dist_checkpointing's writer an in-process results queue (synchronous saves).
+
+    By default its first save starts a *spawned* multiprocessing Manager to host the queue: ~2-3 s
+    of CPU per process, and a process in the worker's process group that a signal sent to the
+    whole group (torchrun's or slurm's preemption SIGTERM) kills, so that the preemption save
+    fails with BrokenPipeError. The saves here are synchronous: the function that puts the write
+    results and the one that reads them both run in this process (only the per-bucket writers
+    are forked, with their own queue), so a thread-safe ``queue.Queue`` is enough. (An
+    ``mp.Queue`` is not: its ``put`` goes through a feeder thread, and megatron's immediate
+    ``get_nowait`` can find it still empty.)
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(
     root: str,
     iteration: int,
@@ -156,9 +184,10 @@ def save_checkpoint(
     consumed_samples: int,
     signature: dict[str, Any],
     keep_last: int,
-    args: Optional[argparse.Namespace] = None,
+    job: Optional[JobConfig] = None,
 ) -> Path:
     """Collective: write ``iter_<iteration>`` atomically, update ``latest``, prune old ones."""
+    use_in_process_results_queue()
     final = checkpoint_path(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
     if dist.get_rank() == 0:
@@ -173,8 +202,8 @@ def save_checkpoint(
         "world_size": dist.get_world_size(),
         "num_optimizers": _num_optimizers(optimizer),
         "orthogonal_optimizer_state": bool(getattr(optimizer, "representations", None)),
-        # The run's flags, so tools (e.g. the specialization analysis) can rebuild the model.
-        "args": vars(args) if args is not None else None,
+        # The run's configuration, so tools (e.g. the specialization analysis) rebuild the model.
+        "job": job.to_dict() if job is not None else None,
     }
     dist_checkpointing.save(
         _sharded_state(model, optimizer, scheduler, common, is_loading=False), str(tmp)
@@ -199,7 +228,7 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# Entries of the common state that loading relies on ("orthogonal_optimizer_state" and "args"
+# Entries of the common state that loading relies on ("orthogonal_optimizer_state" and "job"
 # came later and have defaults).
 REQUIRED_COMMON = ("iteration", "consumed_samples", "signature", "world_size", "num_optimizers")
 
@@ -234,11 +263,12 @@ def check_signature(saved: dict[str, Any], expected: dict[str, Any], where: Path
 
 @dataclass
 class Restored:
-    """What ``load_checkpoint`` restored: where training continues, and the saved run's flags."""
+    """What ``load_checkpoint`` restored: where training continues, and the saved run's
+    configuration."""
 
     iteration: int = 0
     consumed_samples: int = 0
-    saved_args: Optional[dict[str, Any]] = None
+    saved_job: Optional[JobConfig] = None
     path: Optional[Path] = None
 
 
@@ -259,7 +289,7 @@ def load_checkpoint(
 
     Returns:
         The iteration and consumed samples to continue from (0 with ``finetune``, or when
-        ``root`` holds no checkpoint), and the checkpoint's run flags.
+        ``root`` holds no checkpoint), and the checkpoint's run configuration.
 
     Raises:
         CheckpointMismatchError: another model shape, before any tensor is read.
@@ -273,10 +303,10 @@ def load_checkpoint(
     check_signature(common["signature"], signature, where)
     if finetune:
         state = dist_checkpointing.load(
-            {"model": _unwrap(model[0]).sharded_state_dict()}, str(where)
+            {"model": unwrap(model[0]).sharded_state_dict()}, str(where)
         )
-        _unwrap(model[0]).load_state_dict(state["model"])
-        return Restored(saved_args=common.get("args"), path=where)
+        unwrap(model[0]).load_state_dict(state["model"])
+        return Restored(saved_job=saved_job(common), path=where)
     same_world = common["world_size"] == dist.get_world_size()
     # Expert parallelism on one side only changes how megatron splits the optimizer into dense and
     # expert parts; their states cannot be mapped onto each other.
@@ -294,7 +324,7 @@ def load_checkpoint(
                 "recording window are plain steps."
             )
     state = dist_checkpointing.load(request, str(where))
-    _unwrap(model[0]).load_state_dict(state["model"])
+    unwrap(model[0]).load_state_dict(state["model"])
     if load_optimizer:
         optimizer.load_state_dict(state["optimizer"])
     elif dist.get_rank() == 0:
@@ -307,4 +337,4 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     if same_world:
         _set_rng_state(state["rng_state"])
-    return Restored(common["iteration"], common["consumed_samples"], common.get("args"), where)
+    return Restored(common["iteration"], common["consumed_samples"], saved_job(common), where)

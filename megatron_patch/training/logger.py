@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -12,14 +11,13 @@ from typing import Optional
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_patch.moe.names import LOSS_LABELS
+from megatron_patch.training.config import JobConfig
+
 # Console names of the headline metrics, in display order.
 CONSOLE_KEYS = {
     "lm_loss": "loss",
-    "load_balancing_loss": "L_aux",
-    "seq_load_balancing_loss": "L_aux",
-    "global_load_balancing_loss": "L_aux",
-    "ortho_loss": "L_o",
-    "var_loss": "L_v",
+    **LOSS_LABELS,
     "max_vio": "MaxVio",
     "tokens_per_s": "tok/s",
 }
@@ -30,7 +28,7 @@ class MetricsLogger:
     (``--wandb-project``; offline unless ``WANDB_API_KEY`` is set or ``WANDB_MODE`` says otherwise).
     Only global rank 0 writes; other ranks hold a no-op logger."""
 
-    def __init__(self, args: argparse.Namespace, start_iteration: int) -> None:
+    def __init__(self, job: JobConfig, start_iteration: int) -> None:
         self.active = not dist.is_initialized() or dist.get_rank() == 0
         self.bar: Optional[tqdm] = None
         self.tensorboard = None
@@ -38,28 +36,29 @@ class MetricsLogger:
         self.jsonl = None
         if not self.active:
             return
-        if args.save:
+        logging, save = job.logging, job.checkpoint.save
+        if save:
             # Full-precision record of every logged step, appended across resumes.
-            Path(args.save).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(args.save) / "metrics.jsonl", "a")
-        if not args.no_progress_bar:
+            Path(save).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(save) / "metrics.jsonl", "a")
+        if not logging.no_progress_bar:
             self.bar = tqdm(
-                total=args.train_iters, initial=start_iteration, desc="train", unit="it",
+                total=job.training.train_iters, initial=start_iteration, desc="train", unit="it",
                 dynamic_ncols=True, file=sys.stdout, mininterval=0.5,
             )
-        if args.tensorboard_dir:
+        if logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir)
-        if args.wandb_project:
+            self.tensorboard = SummaryWriter(log_dir=logging.tensorboard_dir)
+        if logging.wandb_project:
             import wandb
 
             mode = os.environ.get("WANDB_MODE") or (
                 "online" if os.environ.get("WANDB_API_KEY") else "offline"
             )
             self.wandb_run = wandb.init(
-                project=args.wandb_project, name=args.wandb_exp_name, config=vars(args),
-                dir=args.wandb_save_dir or args.tensorboard_dir or ".", mode=mode,
+                project=logging.wandb_project, name=logging.wandb_exp_name, config=job.to_dict(),
+                dir=logging.wandb_save_dir or logging.tensorboard_dir or ".", mode=mode,
             )
 
     def write(self, prefix: str, iteration: int, scalars: dict[str, float]) -> None:

@@ -1,8 +1,6 @@
-"""GPT-MoE model of the pretraining entry point: config from flags, layer spec, megatron DDP."""
+"""The GPT-MoE of a job: megatron-core config from the job's sections, layer spec, megatron DDP."""
 
 from __future__ import annotations
-
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +12,10 @@ from megatron.core.distributed import (
 )
 from megatron.core.models.gpt import GPTModel
 
-from megatron_patch.moe.arguments import specialization_config_kwargs
 from megatron_patch.moe.config import SpecializationConfig
 from megatron_patch.moe.experts import sequential_experts
 from megatron_patch.moe.specs import get_gpt_layer_spec
+from megatron_patch.training.config import JobConfig
 
 
 def transformer_engine_available() -> bool:
@@ -31,98 +29,109 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def build_config(args: argparse.Namespace) -> SpecializationConfig:
-    """SpecializationConfig (a TransformerConfig) from the parsed flags."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+def transformer_config(job: JobConfig) -> SpecializationConfig:
+    """SpecializationConfig (a TransformerConfig) of the job's model, MoE, losses and parallel
+    sections; megatron-core's and the losses' checks run here."""
+    model, moe, parallel, training = job.model, job.moe, job.parallel, job.training
+    dtype = torch.bfloat16 if model.bf16 else torch.float32
     recompute = {}
-    if args.recompute_granularity is not None:
+    if training.recompute_granularity is not None:
         recompute = dict(
-            recompute_granularity=args.recompute_granularity,
-            recompute_method=args.recompute_method,
-            recompute_num_layers=args.recompute_num_layers,
+            recompute_granularity=training.recompute_granularity,
+            recompute_method=training.recompute_method,
+            recompute_num_layers=training.recompute_num_layers,
+            recompute_modules=training.recompute_modules,
         )
     return SpecializationConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        normalization=args.normalization,
-        gated_linear_unit=args.swiglu,
-        activation_func=F.silu if args.swiglu else F.gelu,
-        init_method_std=args.init_method_std,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        normalization=model.normalization,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
         add_bias_linear=False,
-        bf16=args.bf16,
+        bf16=model.bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        num_moe_experts=args.num_experts,
-        moe_router_topk=args.moe_router_topk,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-        moe_layer_freq=args.moe_layer_freq,
-        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        moe_z_loss_coeff=args.moe_z_loss_coeff,
-        moe_router_score_function=args.moe_router_score_function,
-        moe_router_pre_softmax=args.moe_router_pre_softmax or args.moe_router_topk == 1,
-        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        moe_permute_fusion=args.moe_permute_fusion,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.moe_router_topk,
+        moe_ffn_hidden_size=moe.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
+        moe_layer_freq=moe.moe_layer_freq,
+        moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=moe.moe_aux_loss_coeff,
+        moe_z_loss_coeff=moe.moe_z_loss_coeff,
+        moe_router_score_function=moe.moe_router_score_function,
+        moe_router_pre_softmax=moe.moe_router_pre_softmax or moe.moe_router_topk == 1,
+        moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
+        moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
+        moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+        moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
+        moe_grouped_gemm=moe.moe_grouped_gemm,
+        moe_permute_fusion=moe.moe_permute_fusion,
         **recompute,
-        **specialization_config_kwargs(args),
+        **job.losses.transformer_config_kwargs(),
     )
 
 
-def build_model(
-    args: argparse.Namespace, config: SpecializationConfig, vocab_size: int
-) -> list[DistributedDataParallel]:
-    """This rank's pipeline stage of the GPT-MoE, wrapped in megatron DDP (one model chunk).
+def build_gpt_model(job: JobConfig, vocab_size: int) -> GPTModel:
+    """This rank's pipeline stage of the job's GPT-MoE (megatron's parallel state must be
+    initialized for the job's layout), on this rank's device.
 
     Args:
-        args: parsed flags.
-        config: from ``build_config``.
+        job: the job's configuration.
         vocab_size: tokenizer vocabulary size (padded by nothing: the demo vocabularies are
             multiples of 128 and the embedding is vocab-parallel).
     """
-    use_te = transformer_engine_available()
+    config = transformer_config(job)
     spec = get_gpt_layer_spec(
-        args.num_experts,
-        use_transformer_engine=use_te,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        normalization=args.normalization,
+        job.moe.num_experts,
+        use_transformer_engine=transformer_engine_available(),
+        moe_grouped_gemm=job.moe.moe_grouped_gemm,
+        normalization=job.model.normalization,
     )
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
-        max_sequence_length=args.max_position_embeddings,
+        max_sequence_length=job.model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
+        share_embeddings_and_output_weights=not job.model.untie_embeddings_and_output_weights,
+        position_embedding_type=job.model.position_embedding_type,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    if args.moe_identical_expert_init:
+    if job.moe.moe_identical_expert_init:
         init_identical_experts(model)
+    return model
+
+
+def wrap_ddp(model: GPTModel, use_distributed_optimizer: bool) -> list[DistributedDataParallel]:
+    """``model`` in megatron DDP (fp32 gradient buffers), as the one chunk the pipeline
+    schedules take; registers DDP's ``no_sync`` and ``finalize_model_grads`` in its config."""
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
     )
-    ddp_model = DistributedDataParallel(config, ddp_config, model)
-    config.no_sync_func = ddp_model.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+    ddp_model = DistributedDataParallel(model.config, ddp_config, model)
+    model.config.no_sync_func = ddp_model.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
     return [ddp_model]
+
+
+def build_model(job: JobConfig, vocab_size: int) -> list[DistributedDataParallel]:
+    """``build_gpt_model`` wrapped in megatron DDP (one model chunk)."""
+    return wrap_ddp(build_gpt_model(job, vocab_size), job.parallel.use_distributed_optimizer)
 
 
 @torch.no_grad()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_patch.deepspeed import SpecializationMoE
+from megatron_patch.moe.loss_config import LossConfig
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,7 @@ class GPTMoEConfig:
     ep_size: int = 1
     topk: int = 2
     capacity_factor: float = 1.25
-    ortho_coeff: float = 0.0
-    var_coeff: float = 0.0
-    ortho_form: str = "span"
-    ortho_normalize: bool = False
+    losses: LossConfig = field(default_factory=LossConfig)
 
 
 class CausalSelfAttention(nn.Module):
@@ -58,9 +56,7 @@ class Block(nn.Module):
         self.moe = SpecializationMoE(config.hidden_size, expert, num_experts=config.num_experts,
                                      ep_size=config.ep_size, k=config.topk,
                                      capacity_factor=config.capacity_factor, min_capacity=4,
-                                     ortho_coeff=config.ortho_coeff, var_coeff=config.var_coeff,
-                                     ortho_form=config.ortho_form,
-                                     ortho_normalize=config.ortho_normalize)
+                                     losses=config.losses)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T, H] -> ([B, T, H], this layer's l_aux + beta * L_o + gamma * L_v)."""

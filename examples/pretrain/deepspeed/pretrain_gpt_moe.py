@@ -1,9 +1,11 @@
 """Pretrain a small GPT-MoE with DeepSpeed (ZeRO 1/2) plus the expert-specialization losses.
 
 Every MLP is a ``megatron_patch.deepspeed.SpecializationMoE``; the training loss is
-``lm_loss + moe_loss_coeff * sum_layers(l_aux + ortho_coeff * L_o + var_coeff * L_v)``, the way
+``lm_loss + moe_loss_coeff * sum_layers(l_aux + beta * L_o + gamma * L_v)``, the way
 Megatron-DeepSpeed adds ``l_aux`` (so the effective coefficients of L_o and L_v are
-``moe_loss_coeff * ortho_coeff`` and ``moe_loss_coeff * var_coeff``).
+``moe_loss_coeff * beta`` and ``moe_loss_coeff * gamma``). The loss flags are those of the
+megatron-core trainer (``--moe-ortho-loss-coeff`` = beta, ``--moe-var-loss-coeff`` = gamma, ...),
+generated from the same ``LossConfig``.
 
 Launch with the ``deepspeed`` launcher (see run_deepspeed.sh and README.md in this folder); run
 without a launcher it trains as a single process. On a machine without GPUs set
@@ -15,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 import torch
+
+from megatron_patch.distributed import free_port
+from megatron_patch.flags import add_flags, from_namespace
+from megatron_patch.moe.loss_config import LossConfig
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[2]
@@ -46,11 +51,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--moe-loss-coeff", type=float, default=0.01, help="multiplies the layers' l_aux")
-    parser.add_argument("--ortho-coeff", type=float, default=1.0, help="beta of L_o (0 disables)")
-    parser.add_argument("--var-coeff", type=float, default=1.0, help="gamma of L_v (0 disables)")
-    parser.add_argument("--ortho-form", choices=("span", "pairwise"), default="span")
-    parser.add_argument("--ortho-normalize", action="store_true",
-                        help="L_o of the unit-normalized expert outputs (scale-free)")
+    add_flags(parser, LossConfig, "specialization losses (defaults here: beta = gamma = 1; fixed "
+              "coefficients and the torch kernel only)")
+    parser.set_defaults(moe_ortho_loss_coeff=1.0, moe_var_loss_coeff=1.0)
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--metrics-file", help="append one JSON line per logged step (rank 0)")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
@@ -61,10 +64,8 @@ def default_single_process_env() -> None:
     """Without a launcher: the torch.distributed variables of a one-process job."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
 
 
 def deepspeed_config(args: argparse.Namespace, device_name: str) -> dict:
@@ -89,7 +90,7 @@ def main() -> None:
 
     from gpt_moe import GPTMoE, GPTMoEConfig
     from megatron_patch.cpu_compat import use_gloo_for_deepspeed_comm
-    from megatron_patch.deepspeed import specialization_metrics
+    from megatron_patch.deepspeed import specialization_loss_values
     from token_windows import TokenWindows, load_token_stream
 
     accelerator = get_accelerator()
@@ -106,8 +107,7 @@ def main() -> None:
         vocab_size=vocab_size, seq_length=args.seq_length, hidden_size=args.hidden_size,
         num_layers=args.num_layers, num_heads=args.num_heads, ffn_hidden_size=args.ffn_hidden_size,
         num_experts=args.num_experts, ep_size=args.ep_size, topk=args.topk,
-        capacity_factor=args.capacity_factor, ortho_coeff=args.ortho_coeff, var_coeff=args.var_coeff,
-        ortho_form=args.ortho_form, ortho_normalize=args.ortho_normalize))
+        capacity_factor=args.capacity_factor, losses=from_namespace(LossConfig, args)))
     # ZeRO needs expert and non-expert parameters in separate optimizer groups.
     param_groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"})
@@ -130,7 +130,7 @@ def main() -> None:
         if step % args.log_interval == 0 or step == args.steps:
             mean_lm = lm_loss.detach().float().clone()
             dist.all_reduce(mean_lm)
-            record = {"step": step, "lm_loss": mean_lm.item() / world_size, **specialization_metrics(model),
+            record = {"step": step, "lm_loss": mean_lm.item() / world_size, **specialization_loss_values(model),
                       "tokens_per_s": step * micro_batch * args.seq_length * world_size / (time.perf_counter() - start)}
             if rank == 0:
                 print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),

@@ -1,4 +1,5 @@
-"""Parallel layouts of an MoE GPT model, and the grammar that names them ("tp2ep2sp", "pp2", ...).
+"""Parallel layouts of an MoE GPT model, the one rule for valid ones, and the grammar that names
+them ("tp2ep2sp", "pp2", ...).
 
 Megatron lays ranks out as two grids over the same world (context parallel is not used here, cp=1):
 
@@ -46,17 +47,36 @@ class Layout:
             if getattr(self, name) < 1:
                 raise ValueError(f"layout {self!r}: {name} must be >= 1")
         if self.sp and self.tp == 1:
-            raise ValueError(f"layout {self!r}: sequence parallel needs tp > 1 (drop sp)")
+            raise ValueError(
+                f"layout {self!r}: sequence parallel needs tp > 1 (drop sp / --sequence-parallel)"
+            )
         if self.tp > 1 and not self.sp:
             raise ValueError(
-                f"layout {self!r}: MoE training with tp > 1 requires sequence parallel: add sp"
+                f"layout {self!r}: MoE training with tp > 1 requires sequence parallel: add sp "
+                "(--sequence-parallel)"
             )
         if (self.tp * self.dp) % (self.etp * self.ep) != 0:
             raise ValueError(
-                f"layout {self!r}: etp*ep = {self.etp * self.ep} must divide tp*dp = "
-                f"{self.tp * self.dp} (the expert grid etp*ep*edp spans the tp*dp ranks of a "
-                "pipeline stage); raise dp or lower ep/etp"
+                f"layout {self!r}: etp*ep = {self.etp * self.ep} (--expert-tensor-parallel-size x "
+                f"--expert-model-parallel-size) must divide tp*dp = {self.tp * self.dp} (the expert "
+                "grid etp*ep*edp spans the tp*dp ranks of a pipeline stage); raise dp (more "
+                "processes) or lower ep/etp"
             )
+
+    @classmethod
+    def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, ep: int = 1,
+                  etp: int = 1, sp: bool = False) -> "Layout":
+        """The layout of ``world_size`` processes with these model-parallel sizes; dp is what
+        remains. Raises ValueError when the sizes do not fit."""
+        for name, size in (("tp", tp), ("pp", pp)):
+            if size < 1:
+                raise ValueError(f"{name} must be >= 1, got {size}")
+        if world_size % (tp * pp) != 0:
+            raise ValueError(
+                f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp} "
+                f"x --pipeline-model-parallel-size {pp}; launch tp*pp*dp processes"
+            )
+        return cls(tp=tp, pp=pp, ep=ep, etp=etp, dp=world_size // (tp * pp), sp=sp)
 
     @property
     def world_size(self) -> int:

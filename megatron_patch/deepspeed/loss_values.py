@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from megatron_patch.deepspeed.layer import SpecializationMoE
+from megatron_patch.moe.names import ORTHO_LOSS, VAR_LOSS
 
 
-def specialization_metrics(model: torch.nn.Module) -> dict[str, float]:
+def specialization_loss_values(model: torch.nn.Module) -> dict[str, float]:
     """Mean over the model's ``SpecializationMoE`` layers of their last forward's losses.
 
     Returns:
@@ -19,7 +20,7 @@ def specialization_metrics(model: torch.nn.Module) -> dict[str, float]:
                if isinstance(module, SpecializationMoE) and module.specialization_losses is not None]
     if not records:
         return {}
-    names = {"l_aux": "l_aux", "ortho": "ortho_loss", "var": "var_loss", "total": "moe_total"}
+    names = {"l_aux": "l_aux", "ortho": ORTHO_LOSS, "var": VAR_LOSS, "total": "moe_total"}
     metrics = {}
     for field, name in names.items():
         values = [getattr(record, field) for record in records if getattr(record, field) is not None]
