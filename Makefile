@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA := data
 
-.PHONY: install test demo data check-parallel clean gpu-wheels
+.PHONY: install test demo data check-parallel clean gpu-wheels tensorboard
 
 # The Dockerfile runs the same steps, minus requirements-torch.txt (it keeps NGC's PyTorch).
 # DeepSpeed (for megatron_patch.deepspeed) is an sdist built against the venv's torch, hence
@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml requirements.txt requirements-torch.txt requirements-te
 
 install: $(STAMP)
 
+# Tests run in TEST_WORKERS pytest processes (pytest-xdist); most of them start their own
+# processes, whose imports and rendezvous leave cores idle.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 check-parallel: $(STAMP)
 	$(PY) tools/check_parallel_consistency.py
@@ -53,3 +56,7 @@ data: $(DATA)/corpus_train.bin $(DATA)/corpus_valid.bin
 # Pretrain the tiny GPT-MoE (8 experts, top-2, L_o + L_v) on 2 CPU processes with EP=2.
 demo: $(STAMP) data
 	OUTPUT_DIR=runs/demo examples/pretrain/run_pretrain_moe.sh tiny_cpu
+
+# TensorBoard over every run's logs (runs/*/tensorboard), from the venv.
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir runs

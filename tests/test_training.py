@@ -1,65 +1,19 @@
-"""The pretraining entry point end to end on CPU: learning, exact resume, signals, resharding,
-the torchrun launcher, and every bad-input error (each run is a real subprocess)."""
+"""The pretraining entry point end to end on CPU: learning, exact resume, fine-tuning, the typed
+configuration and every bad-input error (each run is a real subprocess). Signals, the launcher,
+damaged checkpoints and concurrent runs: tests/test_failure_paths.py."""
 
 import json
 import math
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_patch.distributed import free_port
 from megatron_patch.flags import ConfigError
 from megatron_patch.training.arguments import parse_args
-
-REPO = Path(__file__).resolve().parents[1]
-
-TINY = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-    "--ffn-hidden-size", "64", "--num-experts", "4", "--moe-router-topk", "2",
-    "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--lr", "3e-3", "--lr-warmup-iters", "1", "--eval-interval", "1000", "--eval-iters", "1",
-    "--moe-ortho-loss-coeff", "auto", "--moe-var-loss-coeff", "0.1", "--no-progress-bar",
-]
-
-
-def data_flags(tiny_data):
-    return ["--data-path", tiny_data.train, "--valid-data-path", tiny_data.valid,
-            "--tokenizer-model", tiny_data.tokenizer]
-
-
-def clean_env(**extra):
-    """The test process's environment without rendezvous variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
-def pretrain(args, *, torchrun_procs=None, timeout=300, check=True):
-    env = clean_env()
-    if torchrun_procs:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-               str(torchrun_procs), "--master-port", str(free_port()),
-               "-m", "megatron_patch.training.pretrain", *args]
-    else:
-        cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def train_losses(save_dir):
-    rows = [json.loads(line) for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["iteration"], r["lm_loss"]) for r in rows if r["split"] == "train"]
-
+from training_helpers import REPO, TINY, clean_env, data_flags, pretrain, train_losses
 
 def test_loss_goes_down_and_kill_resume_repeats_the_curve(tiny_data, tmp_path):
     flags = TINY + data_flags(tiny_data) + ["--train-iters", "8"]
@@ -74,52 +28,6 @@ def test_loss_goes_down_and_kill_resume_repeats_the_curve(tiny_data, tmp_path):
     assert "calibrated" not in out.stdout  # the auto coefficient came back from the checkpoint
     # Bit-exact on CPU: the resumed run continues the same loss curve.
     assert train_losses(tmp_path / "resumed") == full
-
-
-def test_sigterm_saves_a_checkpoint_and_exits(tiny_data, tmp_path):
-    save = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", *TINY,
-           *data_flags(tiny_data), "--train-iters", "500", "--save", str(save)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=clean_env())
-    deadline = time.time() + 240
-    metrics = save / "metrics.jsonl"
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out[-3000:]
-    done = int((save / "latest_checkpointed_iteration.txt").read_text())
-    assert 1 <= done < 500
-    assert (save / f"iter_{done:07d}").is_dir()
-    assert "exit signal" in out
-
-
-def test_torchrun_launcher_ep2_and_reshard_to_one_process(tiny_data, tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text("\n".join([
-        "num_layers: 2", "hidden_size: 32", "num_attention_heads: 4", "ffn_hidden_size: 64",
-        "num_experts: 4", "moe_router_topk: 2", "seq_length: 32", "micro_batch_size: 2",
-        "global_batch_size: 4", "lr: 0.003", "lr_warmup_iters: 1", "train_iters: 3",
-        "eval_interval: 3", "eval_iters: 1", "expert_model_parallel_size: 2",
-        "moe_ortho_loss_coeff: 0.1", "moe_var_loss_coeff: 0.1", "no_progress_bar: true",
-    ]))
-    env = clean_env(GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), OUTPUT_DIR=str(tmp_path / "run"),
-                    DATA_PATH=tiny_data.train, VALID_DATA_PATH=tiny_data.valid,
-                    TOKENIZER_MODEL=tiny_data.tokenizer, PYTHON=sys.executable)
-    proc = subprocess.run(["bash", "examples/pretrain/run_pretrain_moe.sh", str(config)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ckpt = tmp_path / "run" / "checkpoints"
-    assert (ckpt / "iter_0000003").is_dir()
-    assert "final valid loss" in proc.stdout
-
-    # The EP=2 checkpoint loads into one process (experts regathered) and training continues.
-    out = pretrain(TINY + data_flags(tiny_data) + [
-        "--train-iters", "5", "--moe-ortho-loss-coeff", "0.1", "--load", str(ckpt),
-        "--save", str(tmp_path / "one")])
-    assert [it for it, _ in train_losses(tmp_path / "one")] == [4, 5]
-    assert "iterations      : 5" in out.stdout
 
 
 def test_finetune_and_checkpoints_of_another_shape_or_layout(tiny_data, tmp_path):
@@ -184,17 +92,6 @@ def test_bad_input_fails_fast_with_the_fix(tiny_data, extra, message):
     proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "2"] + extra, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
-
-
-def test_tokenizer_smaller_than_data_vocab_is_refused(tiny_data, tmp_path):
-    from megatron_patch.data.tokenizer import train_sentencepiece
-
-    small = train_sentencepiece(Path(tiny_data.root) / "corpus.jsonl", tmp_path / "small",
-                                vocab_size=400, sample_size=5000)
-    proc = pretrain(TINY + data_flags(tiny_data)[:-1] + [str(small), "--train-iters", "2"],
-                    check=False)
-    assert proc.returncode == 2
-    assert "vocab" in proc.stderr.lower()
 
 
 def test_flag_validation_without_processes(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@
 # ...) or a path to any YAML file of flags; extra flags override it.
 # Environment (Megatron/Pai-Megatron-Patch conventions; defaults for one machine):
 #   GPUS_PER_NODE  processes per node (default: number of GPUs, or 2 on a CPU-only machine)
-#   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   the rendezvous (default 1 / 0 / localhost / 6000)
+#   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   the rendezvous (default 1 / 0 / localhost / a free
+#                   port on one node; set MASTER_PORT on several nodes)
 #   DATA_PATH       dataset prefix(es), megatron style "P" or "W1 P1 W2 P2" (default: the demo data)
 #   VALID_DATA_PATH separate validation prefix(es) (default: the demo's, if DATA_PATH is the demo's)
 #   TOKENIZER_MODEL sentencepiece model (default: the demo tokenizer)
@@ -36,7 +37,13 @@ fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6000}
+PORT_ARGS=()
+if [[ -n "${MASTER_PORT:-}" ]]; then
+    PORT_ARGS=(--master-port "$MASTER_PORT")
+elif [[ "$NNODES" != 1 ]]; then
+    echo "error: set MASTER_PORT (the same free port on every node) for NNODES=$NNODES" >&2
+    exit 2
+fi
 if [[ -z "${DATA_PATH:-}" ]]; then
     DATA_PATH=$ROOT/data/corpus_train
     VALID_DATA_PATH=${VALID_DATA_PATH:-$ROOT/data/corpus_valid}
@@ -50,11 +57,13 @@ TOKENIZER_MODEL=${TOKENIZER_MODEL:-$ROOT/data/tokenizer.model}
 OUTPUT_DIR=${OUTPUT_DIR:-$ROOT/runs/$NAME}
 
 mkdir -p "$OUTPUT_DIR"
+# torchrun through megatron_patch.launch: SIGTERM/SIGUSR1 to this process group make every worker
+# save and exit 0, the workers exit when the launcher dies, bad input exits 2.
 # Data-path words are passed unquoted on purpose: "W1 P1 W2 P2" is a list.
 # shellcheck disable=SC2086
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m megatron_patch.launch \
     --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK" \
-    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+    --master-addr "$MASTER_ADDR" "${PORT_ARGS[@]}" \
     -m megatron_patch.training.pretrain \
     --config "$CONFIG" \
     --data-path $DATA_PATH "${VALID_ARGS[@]}" \

@@ -17,14 +17,13 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_patch.training.checkpointing import (
+from megatron_patch.data.provenance import tokenizer_fingerprint
+from megatron_patch.training.checkpoint_files import (
     CheckpointMismatchError,
-    check_signature,
     checkpoint_path,
     latest_iteration,
-    model_signature,
-    saved_job,
 )
+from megatron_patch.training.checkpointing import check_signature, model_signature, saved_job
 from megatron_patch.training.config import JobConfig, ParallelConfig
 
 
@@ -92,15 +91,17 @@ def analysis_job(job: JobConfig, world_size: int, micro_batch_size: Optional[int
     )
 
 
-def build_and_load_model(job: JobConfig, where: Path, common: dict,
-                         vocab_size: int) -> torch.nn.Module:
-    """The GPTModel (unwrapped from DDP) with the checkpoint's weights, in eval mode."""
+def build_and_load_model(job: JobConfig, where: Path, common: dict, vocab_size: int,
+                         tokenizer_model: str) -> torch.nn.Module:
+    """The GPTModel (unwrapped from DDP) with the checkpoint's weights, in eval mode; the
+    checkpoint must fit the model and the tokenizer."""
     from megatron_patch.training.model import build_model
 
     saved_signature = common.get("signature")
     if saved_signature is not None:
+        signature = model_signature(job, vocab_size, tokenizer_fingerprint(tokenizer_model))
         try:
-            check_signature(saved_signature, model_signature(job, vocab_size), where)
+            check_signature(saved_signature, signature, where)
         except CheckpointMismatchError as error:
             raise AnalysisError(str(error)) from error
     model = build_model(job, vocab_size)[0].module

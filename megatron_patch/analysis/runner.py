@@ -178,7 +178,7 @@ def run_analysis(opts: AnalysisOptions) -> dict:
     pg_collection = init_model_parallel(layout, job.training.seed)
     rank = dist.get_rank()
     tokenizer = load_tokenizer(tokenizer_model)
-    model = build_and_load_model(job, where, common, tokenizer.vocab_size)
+    model = build_and_load_model(job, where, common, tokenizer.vocab_size, tokenizer_model)
     seq_length = job.model.seq_length
     dataset = build_dataset(prefix, tokenizer, seq_length, opts.seed)
     sidecar = _load_domains(prefix, len(dataset.dataset))

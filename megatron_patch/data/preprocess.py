@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from megatron_patch.data.domains import DomainSidecar
+from megatron_patch.data.provenance import write_provenance
 from megatron_patch.data.jsonl import iter_jsonl
 
 UNLABELED = "unlabeled"
@@ -120,7 +121,8 @@ def preprocess_jsonl(
     domain_key: str = "domain",
     progress: Callable[[Iterable, int], Iterable] = lambda items, total: items,
 ) -> PreprocessSummary:
-    """Tokenize ``input_path`` into ``<output_prefix>.bin/.idx`` and its domain sidecar.
+    """Tokenize ``input_path`` into ``<output_prefix>.bin/.idx``, its domain sidecar and the
+    record of its tokenizer (``data.provenance``).
 
     Args:
         input_path: corpus jsonl with ``text_key`` and (optionally) ``domain_key`` fields.
@@ -168,6 +170,7 @@ def preprocess_jsonl(
     for writer in writers.values():
         if writer.domain_ids:
             writer.finalize(names)
+            write_provenance(writer.prefix, tokenizer_model)
             summary.prefixes.append(writer.prefix)
         else:
             writer.abort()

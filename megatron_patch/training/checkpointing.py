@@ -1,14 +1,13 @@
 """Atomic, resumable, reshardable checkpoints through ``megatron.core.dist_checkpointing``.
 
-Layout of ``--save DIR``::
-
-    DIR/iter_0000100/                     one dist_checkpointing checkpoint (torch_dist)
-    DIR/latest_checkpointed_iteration.txt  the newest complete checkpoint
-
-A checkpoint is written into ``iter_N.tmp`` and renamed to ``iter_N`` by rank 0 only after every
-rank has finished writing; the ``latest`` file is replaced atomically afterwards. A crash during a
-save therefore leaves the previous checkpoint and the ``latest`` pointer untouched. Only the last
-``--keep-last`` checkpoints are kept.
+The directory layout, integrity checks and pruning are in ``checkpoint_files``. A checkpoint is
+written into ``iter_N.tmp`` and renamed to ``iter_N`` by rank 0 only after every rank has
+finished writing; the ``latest`` file is replaced atomically afterwards. A crash during a save
+(or a full disk, reported with the path and the size needed) therefore leaves the previous
+checkpoint and the ``latest`` pointer untouched. Only the last ``--keep-last`` checkpoints are
+kept. Before loading, the newest checkpoint's files are checked (global rank 0); a damaged one is
+reported with the file and the damage and the newest intact one is loaded instead (or the run
+stops, with ``--no-checkpoint-fallback``).
 
 A checkpoint holds the model (including the calibrated L_o / L_v coefficients and the router's
 expert bias, which are module buffers), the optimizer (reshardable), the LR scheduler, the
@@ -21,12 +20,13 @@ and the per-rank RNG states (restored when the world size is unchanged). With
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import random
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,10 +39,17 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_patch.optimizer.orthogonal import STATE_KEY as ORTHOGONAL_STATE_KEY
+from megatron_patch.training.checkpoint_files import (
+    LATEST_FILE,
+    CheckpointMismatchError,
+    checkpoint_path,
+    choose_checkpoint,
+    directory_bytes,
+    latest_iteration,
+    prune_old,
+)
 from megatron_patch.training.config import JobConfig
 from megatron_patch.training.step import unwrap
-
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 
 # Flags that fix parameter shapes: a checkpoint only loads into a model with the same values.
 SIGNATURE_FLAGS = (
@@ -53,15 +60,18 @@ SIGNATURE_FLAGS = (
 )
 
 
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint cannot be loaded into this model; the message lists what differs."""
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk); the message names the path, the size
+    needed and the newest intact checkpoint."""
 
 
-def model_signature(job: JobConfig, vocab_size: int) -> dict[str, Any]:
-    """The flag values that determine parameter shapes, plus the vocabulary size."""
+def model_signature(job: JobConfig, vocab_size: int, tokenizer: str) -> dict[str, Any]:
+    """The flag values that determine parameter shapes, the vocabulary size and the tokenizer's
+    fingerprint (``data.provenance``)."""
     flat = job.flat()
     signature = {flag: flat[flag] for flag in SIGNATURE_FLAGS}
     signature["vocab_size"] = vocab_size
+    signature["tokenizer_model"] = tokenizer
     return signature
 
 
@@ -74,28 +84,6 @@ def saved_job(common: dict[str, Any]) -> Optional[JobConfig]:
     if common.get("args") is not None:
         return JobConfig.from_flat(common["args"])
     return None
-
-
-def checkpoint_path(root: str, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(root: str) -> Optional[int]:
-    """Iteration of the newest complete checkpoint under ``root``, or None."""
-    pointer = Path(root) / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    text = pointer.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointMismatchError(
-            f"{pointer} holds {text!r}, not an iteration number; delete the file or fix it"
-        )
-    if not checkpoint_path(root, int(text)).is_dir():
-        raise CheckpointMismatchError(
-            f"{pointer} names iteration {text} but {checkpoint_path(root, int(text))} does not "
-            "exist; point the file at an existing iter_* directory or delete it"
-        )
-    return int(text)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -205,9 +193,14 @@ def save_checkpoint(
         # The run's configuration, so tools (e.g. the specialization analysis) rebuild the model.
         "job": job.to_dict() if job is not None else None,
     }
-    dist_checkpointing.save(
-        _sharded_state(model, optimizer, scheduler, common, is_loading=False), str(tmp)
-    )
+    try:
+        dist_checkpointing.save(
+            _sharded_state(model, optimizer, scheduler, common, is_loading=False), str(tmp)
+        )
+    except Exception as error:
+        if not _no_space(error):
+            raise
+        raise _disk_full(root, tmp, iteration) from None
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -215,17 +208,36 @@ def save_checkpoint(
         pointer_tmp = Path(root) / (LATEST_FILE + ".tmp")
         pointer_tmp.write_text(f"{iteration}\n")
         os.replace(pointer_tmp, Path(root) / LATEST_FILE)
-        _prune(root, keep_last)
+        prune_old(root, keep_last)
     dist.barrier()
     return final
 
 
-def _prune(root: str, keep_last: int) -> None:
-    done = sorted(
-        p for p in Path(root).glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
-    )
-    for old in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def _no_space(error: BaseException) -> bool:
+    """``error`` (or what it wraps, e.g. a writer process's failure) is a full disk."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _disk_full(root: str, tmp: Path, iteration: int) -> CheckpointWriteError:
+    """The error for a full disk, after removing the partial save."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    latest = latest_iteration(root)
+    previous = checkpoint_path(root, latest) if latest is not None else None
+    needed = (f"about {directory_bytes(previous) / 2**30:.2f} GiB (the size of {previous})"
+              if previous is not None else "as much as the model and optimizer state")
+    free = shutil.disk_usage(root).free / 2**30
+    kept = (f"the newest complete checkpoint {previous} is intact" if previous is not None
+            else "no earlier checkpoint exists")
+    return CheckpointWriteError(
+        f"no space left on the device of {root} while saving iteration {iteration} into {tmp}: "
+        f"it needs {needed}, {free:.2f} GiB are free. Free space there or point --save at "
+        f"another filesystem, then resume; {kept}.")
 
 
 # Entries of the common state that loading relies on ("orthogonal_optimizer_state" and "job"
@@ -249,9 +261,9 @@ def check_common_state(common: dict[str, Any], where: Path) -> None:
 def check_signature(saved: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
     """Raise CheckpointMismatchError naming every differing shape flag."""
     diffs = [
-        f"--{key.replace('_', '-')}: checkpoint {saved.get(key)!r}, this run {value!r}"
+        f"--{key.replace('_', '-')}: checkpoint {saved[key]!r}, this run {value!r}"
         for key, value in expected.items()
-        if saved.get(key) != value
+        if key in saved and saved[key] != value  # keys a checkpoint lacks came later
     ]
     if diffs:
         raise CheckpointMismatchError(
@@ -263,13 +275,14 @@ def check_signature(saved: dict[str, Any], expected: dict[str, Any], where: Path
 
 @dataclass
 class Restored:
-    """What ``load_checkpoint`` restored: where training continues, and the saved run's
-    configuration."""
+    """What ``load_checkpoint`` restored: where training continues, the saved run's
+    configuration, and warnings for the user (damaged checkpoints skipped)."""
 
     iteration: int = 0
     consumed_samples: int = 0
     saved_job: Optional[JobConfig] = None
     path: Optional[Path] = None
+    messages: list[str] = field(default_factory=list)
 
 
 def load_checkpoint(
@@ -280,23 +293,36 @@ def load_checkpoint(
     *,
     signature: dict[str, Any],
     finetune: bool = False,
+    fallback: bool = True,
 ) -> Restored:
-    """Collective: restore the newest checkpoint under ``root``.
+    """Collective: restore the newest intact checkpoint under ``root``.
 
     Args:
         finetune: restore the model only (weights and buffers); the optimizer, LR schedule, data
             position and RNG start fresh, at iteration 0.
+        fallback: a damaged newest checkpoint makes way for the newest intact one (with a
+            warning in ``Restored.messages``); False raises instead.
 
     Returns:
         The iteration and consumed samples to continue from (0 with ``finetune``, or when
         ``root`` holds no checkpoint), and the checkpoint's run configuration.
 
     Raises:
-        CheckpointMismatchError: another model shape, before any tensor is read.
+        CheckpointMismatchError: another model shape (or tokenizer), or no intact checkpoint,
+            before any tensor is read.
     """
-    iteration = latest_iteration(root)
+    decision: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            decision[0] = choose_checkpoint(root, fallback)
+        except CheckpointMismatchError as error:
+            decision[0] = error
+    dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], Exception):
+        raise decision[0]
+    iteration, messages = decision[0]
     if iteration is None:
-        return Restored()
+        return Restored(messages=messages)
     where = checkpoint_path(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(where))
     check_common_state(common, where)
@@ -306,7 +332,7 @@ def load_checkpoint(
             {"model": unwrap(model[0]).sharded_state_dict()}, str(where)
         )
         unwrap(model[0]).load_state_dict(state["model"])
-        return Restored(saved_job=saved_job(common), path=where)
+        return Restored(saved_job=saved_job(common), path=where, messages=messages)
     same_world = common["world_size"] == dist.get_world_size()
     # Expert parallelism on one side only changes how megatron splits the optimizer into dense and
     # expert parts; their states cannot be mapped onto each other.
@@ -337,4 +363,5 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     if same_world:
         _set_rng_state(state["rng_state"])
-    return Restored(common["iteration"], common["consumed_samples"], saved_job(common), where)
+    return Restored(common["iteration"], common["consumed_samples"], saved_job(common), where,
+                    messages)

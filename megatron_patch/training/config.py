@@ -224,6 +224,9 @@ class CheckpointConfig:
         "coefficients are calibrated anew")
     save_interval: Optional[int] = option(None, "save every N steps")
     keep_last: int = option(3, "checkpoints kept on disk")
+    no_checkpoint_fallback: bool = option(
+        False, "stop when the newest checkpoint of --load is damaged, instead of loading the "
+        "newest intact one (with a warning)")
 
     def __post_init__(self) -> None:
         if self.finetune and self.load is None:

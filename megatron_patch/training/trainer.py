@@ -1,11 +1,13 @@
 """The Trainer: one object over a ``JobConfig`` that builds each component from its section, then
 resumes, calibrates, trains, evaluates and saves.
 
-    Trainer(job)      process groups (job.parallel), tokenizer (job.data), model (job.model,
+    Trainer(job)      process groups (job.parallel), the --save lock, tokenizer and its data
+                      records (job.data), model (job.model,
                       job.moe, job.losses), optimizer and schedule (job.optimizer, OMoE from
                       job.orthogonal_optimizer)
-    .fit()            resume (job.checkpoint) -> datasets -> loop: [calibrate] train_step, log,
-                      [evaluate], [save], stop on SIGTERM/SIGUSR1 or --exit-interval -> summary
+    .fit()            resume (job.checkpoint) -> datasets -> loop: [calibrate]
+                      train_step, log, [evaluate], [save], stop on SIGTERM/SIGUSR1 or
+                      --exit-interval -> summary
     .train_step()     ``step.forward_backward`` (the function the layout checker runs) ->
                       finiteness check -> optimizer and LR schedule step -> logged scalars
 """
@@ -22,7 +24,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_patch.data.datasets import build_train_valid_datasets
+from megatron_patch.data.datasets import build_train_valid_datasets, parse_data_path
+from megatron_patch.data.provenance import check_provenance, tokenizer_fingerprint
 from megatron_patch.data.tokenizer import load_tokenizer
 from megatron_patch.distributed import (
     init_model_parallel,
@@ -33,12 +36,13 @@ from megatron_patch.moe.calibration import needs_calibration, reconcile_coeffici
 from megatron_patch.moe.coefficients import recording_only
 from megatron_patch.moe.routing_stats import RoutingStatistics
 from megatron_patch.optimizer.orthogonal import OrthogonalExpertOptimizer
-from megatron_patch.training.checkpointing import (
+from megatron_patch.training.checkpoint_files import (
+    RunLock,
+    RunLockError,
     latest_iteration,
-    load_checkpoint,
-    model_signature,
-    save_checkpoint,
+    prune_stale_saves,
 )
+from megatron_patch.training.checkpointing import load_checkpoint, model_signature, save_checkpoint
 from megatron_patch.training.config import JobConfig
 from megatron_patch.training.logger import MetricsLogger
 from megatron_patch.training.model import build_model
@@ -113,7 +117,17 @@ class Trainer:
         self.layout = job.validate(world_size)
         self.device = init_world(job.parallel.distributed_backend)
         self.pg_collection = init_model_parallel(self.layout, job.training.seed)
+        self.run_lock, self.messages = self._lock()  # before anything is written to --save
+        try:
+            self._build()
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self) -> None:
+        job = self.job
         self.tokenizer = load_tokenizer(job.data.tokenizer_model)
+        self.messages += check_provenance(self._data_prefixes(), job.data.tokenizer_model)
         self.model = build_model(job, self.tokenizer.vocab_size)
         self.config = unwrap(self.model[0]).config
         self.optimizer, self.scheduler = build_optimizer(job, self.model)
@@ -122,7 +136,8 @@ class Trainer:
                 self.optimizer, self.model, job.orthogonal_optimizer, self.pg_collection)
         self.shape = BatchShape(job.num_microbatches(self.layout),
                                 job.training.micro_batch_size, job.model.seq_length)
-        self.signature = model_signature(job, self.tokenizer.vocab_size)
+        self.signature = model_signature(job, self.tokenizer.vocab_size,
+                                         tokenizer_fingerprint(job.data.tokenizer_model))
         self.routing_statistics = RoutingStatistics(
             self.config.num_layers, job.moe.num_experts, self.device).attach(self.model)
         self.iteration = 0
@@ -149,7 +164,9 @@ class Trainer:
                             "checkpoints; resuming them instead of starting again from --load")
         if load_dir:
             restored = load_checkpoint(load_dir, self.model, self.optimizer, self.scheduler,
-                                       signature=self.signature, finetune=finetune)
+                                       signature=self.signature, finetune=finetune,
+                                       fallback=not checkpoint.no_checkpoint_fallback)
+            messages += restored.messages
             self.iteration, self.consumed_samples = restored.iteration, restored.consumed_samples
             if restored.path is not None:
                 start = "fine-tuning from its weights, at iteration 0" if finetune else (
@@ -162,6 +179,13 @@ class Trainer:
         self.uncalibrated = any_rank(needs_calibration(self.model), self.device)
         return messages
 
+    def _data_prefixes(self) -> list[str]:
+        data = self.job.data
+        prefixes = parse_data_path(data.data_path)[0]
+        if data.valid_data_path:
+            prefixes += parse_data_path(data.valid_data_path)[0]
+        return prefixes
+
     def build_datasets(self) -> None:
         """The training and validation samples of the whole run (``job.data``)."""
         job = self.job
@@ -172,6 +196,36 @@ class Trainer:
             tokenizer=self.tokenizer, valid_data_path=job.data.valid_data_path,
             cache_path=job.data.data_cache_path, is_built_on_rank=lambda: True,
         )
+
+    def _lock(self) -> tuple[Optional[RunLock], list[str]]:
+        """Take ``--save``'s lock (global rank 0; collective) and remove saves a crash
+        interrupted; returns the lock and what to tell the user.
+
+        Raises:
+            RunLockError: another run writes the directory (on every rank).
+        """
+        save = self.job.checkpoint.save
+        if not save:
+            return None, []
+        lock, outcome = RunLock(save), [None]
+        if dist.get_rank() == 0:
+            try:
+                replaced = lock.acquire()
+                stale = prune_stale_saves(save)
+                outcome[0] = [replaced] * bool(replaced) + [
+                    f"removed {path.name}, a save that was interrupted" for path in stale]
+            except RunLockError as error:
+                outcome[0] = error
+        dist.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return lock, outcome[0]
+
+    def release(self) -> None:
+        """Give ``--save``'s lock up (the job is over, or failed)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     def calibrate(self) -> dict[str, float]:
         """Calibrate the "auto" coefficients on the next global batch (collective)."""
@@ -225,15 +279,22 @@ class Trainer:
             keep_last=checkpoint.keep_last, job=self.job)
 
     def fit(self) -> dict:
-        """Run the job; returns the summary (also written to ``--save``/summary.json)."""
+        """Run the job; returns the summary (also written to ``--save``/summary.json). The
+        ``--save`` lock is released at the end, also on failure."""
+        try:
+            messages = self.messages + self.resume()
+            self.build_datasets()
+            return self._loop(messages)
+        finally:
+            self.release()
+
+    def _loop(self, messages: list[str]) -> dict:
         job = self.job
         training, checkpoint, logging = job.training, job.checkpoint, job.logging
-        messages = self.resume()
-        self.build_datasets()
         self.logger = logger = MetricsLogger(job, self.iteration)
         for line in messages:
             logger.message(line)
-        last_save, valid_loss, loss = None, None, None
+        start, last_save, valid_loss, loss = self.iteration, None, None, None
         while self.iteration < training.train_iters:
             if self.uncalibrated and self.iteration >= job.losses.moe_loss_calibration_iters:
                 coefficients = self.calibrate()
@@ -266,13 +327,23 @@ class Trainer:
                                "--exit-interval)")
                 break
         logger.close()
+        return self._summary(start, loss, valid_loss, last_save)
+
+    def _summary(self, start: int, loss: Optional[float], valid_loss: Optional[float],
+                 last_save: Optional[Path]) -> dict:
+        """The run's summary. A run that trained writes it to ``--save``/summary.json; one that
+        found the checkpoint already at --train-iters returns the saved one (kept as it is)."""
+        save, tensorboard = self.job.checkpoint.save, self.job.logging.tensorboard_dir
+        path = Path(save) / "summary.json" if save else None
+        if self.iteration == start and path is not None and path.is_file():
+            return {**json.loads(path.read_text()), "nothing_to_train": True}
         summary = {
             "iterations": self.iteration,
             "train_loss": loss,
             "valid_loss": valid_loss,
             "checkpoint": str(last_save) if last_save else None,
-            "tensorboard_dir": logging.tensorboard_dir,
+            "tensorboard_dir": tensorboard,
         }
-        if checkpoint.save and dist.get_rank() == 0:
-            (Path(checkpoint.save) / "summary.json").write_text(json.dumps(summary, indent=2))
+        if path is not None and dist.get_rank() == 0:
+            path.write_text(json.dumps(summary, indent=2))
         return summary

@@ -1,0 +1,67 @@
+"""Which tokenizer a dataset was made with: a fingerprint written beside the data
+(``<prefix>.tokenizer.json``) by preprocessing and checked before training, so that data made with
+another tokenizer of the same vocabulary size is refused instead of training silently (token ids
+would all be in range, and all wrong). Checkpoints carry the fingerprint in their signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+from megatron_patch.data.validation import DataError, preprocess_command
+
+SUFFIX = ".tokenizer.json"
+
+
+def tokenizer_fingerprint(model_path: str) -> str:
+    """sha256 of the tokenizer model file (hex, first 16 digits)."""
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def write_provenance(prefix: str, model_path: str) -> None:
+    """Record beside dataset ``prefix`` the tokenizer it was made with."""
+    record = {"tokenizer_model": str(Path(model_path).resolve()),
+              "fingerprint": tokenizer_fingerprint(model_path)}
+    Path(prefix + SUFFIX).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def check_provenance(prefixes: Iterable[str], model_path: str) -> list[str]:
+    """Check that every dataset in ``prefixes`` was made with tokenizer ``model_path``.
+
+    Returns:
+        A warning per dataset without a record (made by another tool, or before records
+        existed), which cannot be checked.
+
+    Raises:
+        DataError: a dataset made with another tokenizer, naming both.
+    """
+    fingerprint = tokenizer_fingerprint(model_path)
+    unchecked = []
+    for prefix in prefixes:
+        record_path = Path(prefix + SUFFIX)
+        if not record_path.is_file():
+            unchecked.append(prefix)
+            continue
+        try:
+            record = json.loads(record_path.read_text())
+        except ValueError as error:
+            raise DataError(f"{record_path} is not valid JSON ({error}); recreate the dataset:\n"
+                            f"  {preprocess_command(prefix)}") from None
+        if record.get("fingerprint") != fingerprint:
+            raise DataError(
+                f"dataset {prefix!r} was tokenized with {record.get('tokenizer_model')} "
+                f"(fingerprint {record.get('fingerprint')}), but --tokenizer-model is "
+                f"{model_path} (fingerprint {fingerprint}): the token ids would mean other "
+                "words. Pass the tokenizer the data was made with, or re-tokenize:\n"
+                f"  {preprocess_command(prefix)}")
+    if not unchecked:
+        return []
+    return [f"no tokenizer record ({SUFFIX}) beside {', '.join(unchecked)}: cannot check that "
+            f"it was tokenized with {model_path} (tools/preprocess_data.py writes the record)"]
