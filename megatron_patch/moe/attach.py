@@ -8,6 +8,12 @@ parallel ranks hold different micro-batches and DDP averages their gradients, as
 language-model loss. The gradient is injected with ``MoEAuxLossAutoScaler``, whose backward scale
 the training loop sets per step (loss scale / number of micro-batches), so it is scaled exactly
 like megatron-core's aux losses.
+
+With ``calculate_per_token_loss`` megatron divides every gradient by the global token count
+(micro-batches x DP x CP x TP x a rank's tokens) instead; the attached loss is then multiplied by
+this rank's tokens times the TP x CP size, which restores the same gradient. megatron-core 0.19.2
+scales its own aux and z losses so; up to 0.18 it left out the TP x CP factor (its aux losses'
+gradients were 1/(TP*CP) too small there).
 """
 
 from __future__ import annotations
@@ -16,12 +22,10 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
-    get_moe_layer_wise_logging_tracker,
-    save_to_aux_losses_tracker,
-)
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_patch.compat import ensure_moe_metrics, record_moe_metric
 
 from megatron_patch.moe.names import BALANCING_LOSS, ORTHO_LOSS, VAR_LOSS, Z_LOSS
 
@@ -75,9 +79,8 @@ def attach_mean_loss(
         activation: tensor the loss rides on; returned unchanged in value.
         local_sum: scalar, this rank's sum of the per-item loss (with its graph).
         count: scalar, the item count summed over ``reduce_group`` (see ``global_count``).
-        local_tokens: this rank's token count; with ``config.calculate_per_token_loss`` megatron
-            divides gradients by the token count later, so the attached loss is multiplied by
-            it, as megatron-core does for its aux losses.
+        local_tokens: this rank's token count; with ``config.calculate_per_token_loss`` the
+            attached loss is multiplied by it times the ``reduce_group`` size (module docstring).
         coeff: scalar coefficient tensor (a module buffer, so checkpoints carry it).
         name: tracker name, e.g. ``"ortho_loss"``.
         config: the model config (layer count for the tracker, per-token-loss mode).
@@ -90,15 +93,13 @@ def attach_mean_loss(
         ``activation``, with the loss attached when ``attach`` is True.
     """
     value = local_sum / count.clamp(min=1.0)
-    num_layers = config.num_layers + (config.mtp_num_layers or 0)
-    save_to_aux_losses_tracker(
-        name, value, layer_number, num_layers, reduce_group=reduce_group
-    )
+    record_moe_metric(name, value, layer_number, tracked_layers(config), reduce_group)
     if not attach:
         return activation
     loss = value * coeff.to(value.dtype)
     if config.calculate_per_token_loss:
-        loss = loss * local_tokens
+        group_size = 1 if reduce_group is None else dist.get_world_size(reduce_group)
+        loss = loss * local_tokens * group_size
     return MoEAuxLossAutoScaler.apply(activation, loss)
 
 
@@ -117,17 +118,14 @@ def reported_losses(config: TransformerConfig) -> list[str]:
     return names
 
 
+def tracked_layers(config: TransformerConfig) -> int:
+    """Length of the tracker's per-layer vectors: every layer of the model, MTP included."""
+    return config.num_layers + (config.mtp_num_layers or 0)
+
+
 def ensure_tracked(names: list[str], config: TransformerConfig,
                    tp_cp_group: Optional[dist.ProcessGroup], device: Optional[torch.device]) -> None:
-    """Give every name a (zero) entry in megatron's MoE loss tracker, so that reducing the tracker
-    runs the same collectives on every rank, also on a pipeline stage without MoE layers."""
-    tracker = get_moe_layer_wise_logging_tracker()
-    num_layers = config.num_layers + (config.mtp_num_layers or 0)
-    for name in names:
-        if name not in tracker:
-            tracker[name] = {
-                "values": torch.zeros(num_layers, device=device),
-                "reduce_group": tp_cp_group,
-                "avg_group": None,
-                "reduce_group_has_dp": False,
-            }
+    """Give every name a (zero) entry in megatron's MoE loss tracker, summed over TP x CP, so that
+    reducing the tracker runs the same collectives on every rank, also on a pipeline stage
+    without MoE layers."""
+    ensure_moe_metrics(names, tracked_layers(config), tp_cp_group, device)

@@ -18,11 +18,9 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.moe.moe_utils import (
-    get_moe_layer_wise_logging_tracker,
-    reduce_aux_losses_tracker_across_ranks,
-)
+from megatron.core.transformer.moe.moe_utils import reduce_aux_losses_tracker_across_ranks
 
+from megatron_patch.compat import moe_metric_values
 from megatron_patch.moe.attach import ensure_tracked
 from megatron_patch.moe.coefficients import Modules, model_chunks, recording_only
 from megatron_patch.moe.config import SpecializationConfig
@@ -142,16 +140,15 @@ def calibrate_coefficients(
         todo[VAR_LOSS] = config.moe_var_loss_target
     if not todo:
         return {}
-    tracker = get_moe_layer_wise_logging_tracker()
     tp_cp_group = (
         pg_collection.tp_cp
         if pg_collection is not None
         else parallel_state.get_tensor_and_context_parallel_group()
     )
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    for name in todo:
-        tracker.pop(name, None)
     ensure_tracked(list(todo), config, tp_cp_group, device)
+    for name in todo:
+        moe_metric_values(name).zero_()
     with torch.no_grad(), recording_only(modules):
         run_forward()
     reduce_aux_losses_tracker_across_ranks(list(todo), pg_collection=pg_collection)
@@ -159,9 +156,10 @@ def calibrate_coefficients(
     buffers = coefficient_buffers(modules)
     result = {}
     for name, target in todo.items():
-        raw_mean = tracker[name]["values"].sum().item() / (num_moe_layers(config) * num_microbatches)
+        values = moe_metric_values(name)
+        raw_mean = values.sum().item() / (num_moe_layers(config) * num_microbatches)
         result[name] = power_of_ten_coefficient(raw_mean, target, COEFFICIENT_FLAGS[name])
         for buffer in buffers[name]:
             buffer.fill_(result[name])
-        tracker[name]["values"].zero_()
+        values.zero_()
     return result

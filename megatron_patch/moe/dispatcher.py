@@ -12,8 +12,9 @@ No collective is added; the gate probabilities' dispatch all-to-all is dropped.
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from megatron_patch.compat import TOKEN_DISPATCH_RUNS_SHARED_EXPERT, expert_all_to_all
 
 from megatron_patch.moe.gated_gram import apply_gates
 from megatron_patch.moe.grouping import TokenSlots, token_slot_rows
@@ -38,13 +39,17 @@ class UnweightedCombineAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
 
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
         """The tokens' expert-parallel all-to-all only: the experts get unit gates, so the gate
-        probabilities need not travel (one all-to-all per layer fewer than megatron-core)."""
+        probabilities need not travel (one all-to-all per layer fewer than megatron-core).
+        Where megatron-core starts the overlapped shared expert here (0.18+), so does this."""
+        shared = self.shared_experts if TOKEN_DISPATCH_RUNS_SHARED_EXPERT else None
+        if shared is not None:
+            shared.wait_current_stream()
         self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
             "before_ep_alltoall", self.tokens_per_expert
         )
-        tokens = all_to_all(
-            self.ep_group, permutated_local_input_tokens, self.output_splits, self.input_splits
-        )
+        tokens = expert_all_to_all(self, permutated_local_input_tokens)
+        if shared is not None:
+            shared.linear_fc1_forward_and_act(tokens)
         return tokens, permuted_probs.new_ones(tokens.shape[0])
 
     def dispatch_postprocess(self, global_input_tokens, global_probs):

@@ -9,6 +9,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
+from megatron_patch.compat import MOE_LAYER_PARAMETERS, accepted
 from megatron_patch.moe.attach import attach_mean_loss, global_count
 from megatron_patch.moe.coefficients import (
     RECORDING_ONLY_ATTR,
@@ -41,6 +42,8 @@ class SpecializationMoELayer(MoELayer):
         submodules: Optional[MoESubmodules] = None,
         layer_number: Optional[int] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        is_mtp_layer: bool = False,
+        name: Optional[str] = None,
     ):
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
@@ -49,6 +52,7 @@ class SpecializationMoELayer(MoELayer):
             submodules=submodules,
             layer_number=layer_number,
             pg_collection=pg_collection,
+            **accepted(MOE_LAYER_PARAMETERS, is_mtp_layer=is_mtp_layer, name=name),
         )
         self.tp_cp_group = pg_collection.tp_cp
         self.register_buffer(

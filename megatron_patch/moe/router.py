@@ -9,6 +9,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_patch.compat import ROUTER_PARAMETERS, accepted
 from megatron_patch.moe.attach import attach_mean_loss, global_count
 from megatron_patch.moe.coefficients import (
     RECORDING_ONLY_ATTR,
@@ -24,7 +25,7 @@ from megatron_patch.moe.routing_stats import RoutingStatistics, is_training_forw
 
 # megatron-core 0.16.1 defines moe_utils.te_general_gemm only when Transformer Engine imports, but
 # its router gating reads it unguarded (NameError without TE, on CPU and GPU alike). None selects
-# the plain torch matmul path it already has.
+# the plain torch matmul path it already has (0.17+ sets None itself).
 if not hasattr(moe_utils, "te_general_gemm"):
     moe_utils.te_general_gemm = None
 
@@ -63,9 +64,13 @@ class SpecializationRouter(TopKRouter):
     """
 
     def __init__(
-        self, config: SpecializationConfig, pg_collection: Optional[ProcessGroupCollection] = None
+        self,
+        config: SpecializationConfig,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        is_mtp_layer: bool = False,
     ) -> None:
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection,
+                         **accepted(ROUTER_PARAMETERS, is_mtp_layer=is_mtp_layer))
         self.register_buffer(
             "var_loss_coeff", initial_coefficient(config.moe_var_loss_coeff, self.weight.device)
         )

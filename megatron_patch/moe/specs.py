@@ -6,9 +6,10 @@ import copy
 from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_patch.compat import HAS_LOCAL_GROUPED_GEMM, MEGATRON_CORE, specialize_moe_entry
+from megatron_patch.moe.config import SpecializationConfigError
 from megatron_patch.moe.layer import SpecializationMoELayer
 from megatron_patch.moe.router import SpecializationRouter
 
@@ -26,14 +27,8 @@ def with_specialization(layer_spec: ModuleSpec) -> ModuleSpec:
         experts, attention and norms are untouched.
     """
     spec = copy.deepcopy(layer_spec)
-    mlp = spec.submodules.mlp
-    if not (isinstance(mlp, ModuleSpec) and mlp.module is MoELayer):
-        raise ValueError(
-            "with_specialization needs a layer spec whose mlp is megatron-core's MoELayer; build "
-            "it with num_experts set (e.g. get_gpt_layer_local_spec(num_experts=8))."
-        )
-    mlp.module = SpecializationMoELayer
-    mlp.submodules.router = SpecializationRouter
+    spec.submodules.mlp = specialize_moe_entry(
+        spec.submodules.mlp, SpecializationMoELayer, SpecializationRouter)
     return spec
 
 
@@ -54,6 +49,12 @@ def get_gpt_layer_spec(
         qk_layernorm: normalize queries and keys.
         normalization: ``"LayerNorm"`` or ``"RMSNorm"`` (local spec; TE reads it from config).
     """
+    if moe_grouped_gemm and not use_transformer_engine and not HAS_LOCAL_GROUPED_GEMM:
+        raise SpecializationConfigError(
+            f"--moe-grouped-gemm without Transformer Engine: megatron-core {MEGATRON_CORE} has no "
+            "grouped-GEMM experts without it (its legacy GroupedMLP went in 0.17) and would "
+            "silently build SequentialMLP ones. Install Transformer Engine (the NGC images have "
+            "it) or drop --moe-grouped-gemm.")
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,

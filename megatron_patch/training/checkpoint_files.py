@@ -22,10 +22,14 @@ from typing import Optional
 
 import torch
 
+from megatron_patch.compat import COMMON_STATE_IN_SHARDS
+
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 LOCK_FILE = ".lock"
-# Files every checkpoint of this package has besides the shards its ``.metadata`` index names.
-REQUIRED_FILES = ("metadata.json", "common.pt", ".metadata")
+# Files every checkpoint has besides the shards its ``.metadata`` index names; up to
+# megatron-core 0.18 also COMMON_FILE, the common state (0.19+ keeps it in the shards).
+REQUIRED_FILES = ("metadata.json", ".metadata")
+COMMON_FILE = "common.pt"
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -83,11 +87,15 @@ def checkpoint_damage(where: Path) -> Optional[str]:
     for name in REQUIRED_FILES:
         if not (where / name).is_file():
             return f"{where / name} is missing"
+    common = where / COMMON_FILE
+    if not common.is_file() and not COMMON_STATE_IN_SHARDS:
+        return f"{common} is missing"
     try:
         json.loads((where / "metadata.json").read_text())
-        torch.load(where / "common.pt", map_location="cpu", weights_only=False)
+        if common.is_file():
+            torch.load(common, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any failure to read is damage to report
-        return f"{where} has an unreadable metadata.json or common.pt ({error})"
+        return f"{where} has an unreadable metadata.json or {COMMON_FILE} ({error})"
     try:
         index = FileSystemReader(str(where)).read_metadata()
     except Exception as error:  # noqa: BLE001

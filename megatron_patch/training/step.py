@@ -29,10 +29,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_utils import (
     clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
     reduce_aux_losses_tracker_across_ranks,
 )
 
+from megatron_patch.compat import moe_metric_values
 from megatron_patch.moe.attach import ensure_tracked, reported_losses
 from megatron_patch.moe.calibration import calibrate_coefficients
 from megatron_patch.moe.routing_stats import RoutingStatistics
@@ -159,8 +159,7 @@ def moe_loss_values(
     device = next(model[0].parameters()).device
     ensure_tracked(names, config, pg_collection.tp_cp, device)
     reduce_aux_losses_tracker_across_ranks(names, pg_collection=pg_collection)
-    tracker = get_moe_layer_wise_logging_tracker()
-    values = {name: tracker[name]["values"].float().cpu() / num_microbatches for name in names}
+    values = {name: moe_metric_values(name).float().cpu() / num_microbatches for name in names}
     clear_aux_losses_tracker()
     return values
 
