@@ -93,7 +93,7 @@ def _expected(annotation: Any, field: dataclasses.Field) -> str:
 
 def _type_name(annotation: Any) -> str:
     if _is_list(annotation):
-        return "a list of strings (or one string)"
+        return "a list of strings or numbers (or one string)"
     if typing.get_origin(annotation) is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(annotation))
     return {bool: "a boolean (true/false)", int: "an integer", float: "a number",
@@ -150,8 +150,10 @@ def check_value(cls: type, field: dataclasses.Field, value: Any, source: str) ->
     elif _is_list(base):
         if isinstance(value, str):
             value = value.split()
-        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(
+                v, (str, int, float)) for v in value):
             raise fail()
+        value = [str(v) for v in value]  # e.g. data_path: [0.5, /data/a, 0.5, /data/b]
     elif parse is not None:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise fail()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 from megatron_patch.data.validation import DataError, preprocess_command
 
@@ -32,8 +32,10 @@ def write_provenance(prefix: str, model_path: str) -> None:
     Path(prefix + SUFFIX).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def check_provenance(prefixes: Iterable[str], model_path: str) -> list[str]:
-    """Check that every dataset in ``prefixes`` was made with tokenizer ``model_path``.
+def check_provenance(prefixes: Iterable[str], model_path: str,
+                     fingerprint: Optional[str] = None) -> list[str]:
+    """Check that every dataset in ``prefixes`` was made with tokenizer ``model_path`` (whose
+    ``tokenizer_fingerprint`` is ``fingerprint``, computed when not given).
 
     Returns:
         A warning per dataset without a record (made by another tool, or before records
@@ -42,7 +44,7 @@ def check_provenance(prefixes: Iterable[str], model_path: str) -> list[str]:
     Raises:
         DataError: a dataset made with another tokenizer, naming both.
     """
-    fingerprint = tokenizer_fingerprint(model_path)
+    fingerprint = fingerprint or tokenizer_fingerprint(model_path)
     unchecked = []
     for prefix in prefixes:
         record_path = Path(prefix + SUFFIX)

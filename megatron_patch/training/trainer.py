@@ -127,7 +127,9 @@ class Trainer:
     def _build(self) -> None:
         job = self.job
         self.tokenizer = load_tokenizer(job.data.tokenizer_model)
-        self.messages += check_provenance(self._data_prefixes(), job.data.tokenizer_model)
+        fingerprint = tokenizer_fingerprint(job.data.tokenizer_model)
+        self.messages += check_provenance(self._data_prefixes(), job.data.tokenizer_model,
+                                          fingerprint)
         self.model = build_model(job, self.tokenizer.vocab_size)
         self.config = unwrap(self.model[0]).config
         self.optimizer, self.scheduler = build_optimizer(job, self.model)
@@ -136,8 +138,7 @@ class Trainer:
                 self.optimizer, self.model, job.orthogonal_optimizer, self.pg_collection)
         self.shape = BatchShape(job.num_microbatches(self.layout),
                                 job.training.micro_batch_size, job.model.seq_length)
-        self.signature = model_signature(job, self.tokenizer.vocab_size,
-                                         tokenizer_fingerprint(job.data.tokenizer_model))
+        self.signature = model_signature(job, self.tokenizer.vocab_size, fingerprint)
         self.routing_statistics = RoutingStatistics(
             self.config.num_layers, job.moe.num_experts, self.device).attach(self.model)
         self.iteration = 0
