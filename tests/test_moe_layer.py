@@ -1,5 +1,6 @@
 """The specialization router and MoE layer in one process against explicit per-expert references."""
 
+import dataclasses
 import math
 
 import pytest
@@ -73,6 +74,40 @@ def reference(layer, x):
     chosen = torch.gather(outs, 1, sorted_idx.unsqueeze(-1).expand(-1, -1, HIDDEN))
     combined = (torch.gather(probs, 1, order).unsqueeze(-1) * chosen).sum(1)
     return combined.view_as(x), chosen, scores
+
+
+@dataclasses.dataclass
+class Step:
+    layer: torch.nn.Module
+    output: torch.Tensor
+    losses: tuple[float, ...]  # L_o, L_v as tracked (nan when not computed)
+    grads: list[torch.Tensor]  # input gradient, then every parameter's
+
+
+def step_variants(x, *overrides) -> list[Step]:
+    """Per config override: a layer with the same weights (the first variant's), forward and
+    backward of sum(output^2) on ``x``."""
+    steps, weights = [], None
+    for override in overrides:
+        layer = build_layer(make_config(**override))
+        weights = weights or layer.state_dict()
+        layer.load_state_dict(weights)
+        clear_aux_losses_tracker()
+        inp = x.clone().requires_grad_(True)
+        out, _ = layer(inp)
+        out.square().sum().backward()
+        losses = tuple(tracked(name) if getattr(layer.config, f"{flag}_enabled") else math.nan
+                       for name, flag in (("ortho_loss", "ortho_loss"), ("var_loss", "var_loss")))
+        steps.append(Step(layer, out.detach(), losses,
+                          [inp.grad] + [p.grad for p in layer.parameters()]))
+    return steps
+
+
+def assert_same_step(step: Step, reference: Step) -> None:
+    torch.testing.assert_close(step.output, reference.output, rtol=1e-5, atol=1e-6)
+    assert step.losses == pytest.approx(reference.losses, rel=1e-6, nan_ok=True)
+    for a, b in zip(step.grads, reference.grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -250,22 +285,12 @@ def test_capacity_dropping_counts_only_kept_slots(single_process_megatron, pad, 
 def test_moe_recompute_gives_the_same_losses_and_gradients(single_process_megatron, kernel):
     """Under selective MoE recompute the first forward runs without grad (no loss attached) and
     the recomputation attaches L_o / L_v, as megatron does with its aux loss."""
-    x = torch.randn(SEQ, BATCH, HIDDEN)
-    grads, values, weights = [], [], None
-    for recompute in ({}, {"recompute_granularity": "selective", "recompute_modules": ["moe"]}):
-        layer = build_layer(make_config(moe_ortho_loss_kernel=kernel, **recompute))
-        assert layer.moe_layer_recompute == bool(recompute)
-        weights = weights or layer.state_dict()
-        layer.load_state_dict(weights)
-        clear_aux_losses_tracker()
-        inp = x.clone().requires_grad_(True)
-        out, _ = layer(inp)
-        out.square().sum().backward()
-        grads.append([inp.grad] + [p.grad for p in layer.parameters()])
-        values.append((tracked("ortho_loss"), tracked("var_loss")))
-    assert values[0] == pytest.approx(values[1], rel=1e-6)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    plain, recomputed = step_variants(
+        torch.randn(SEQ, BATCH, HIDDEN), {"moe_ortho_loss_kernel": kernel},
+        {"moe_ortho_loss_kernel": kernel, "recompute_granularity": "selective",
+         "recompute_modules": ["moe"]})
+    assert not plain.layer.moe_layer_recompute and recomputed.layer.moe_layer_recompute
+    assert_same_step(recomputed, plain)
 
 
 def test_var_loss_on_sigmoid_scores(single_process_megatron):
@@ -378,23 +403,8 @@ def test_overlapped_shared_expert_with_ortho_loss_equals_the_plain_layer(single_
     """--moe-shared-expert-overlap runs the shared expert inside the dispatcher (from megatron-core
     0.18 its fc1 in token_dispatch, which the L_o dispatcher overrides): the same output, L_o and
     gradients as without the overlap."""
-    x = torch.randn(SEQ, BATCH, HIDDEN)
-    results, weights = [], None
-    for overlap in (False, True):
-        layer = build_layer(make_config(moe_shared_expert_intermediate_size=12,
-                                        moe_shared_expert_overlap=overlap, moe_var_loss_coeff=0.0))
-        assert layer.shared_expert_overlap == overlap
-        weights = weights or layer.state_dict()
-        layer.load_state_dict(weights)
-        clear_aux_losses_tracker()
-        inp = x.clone().requires_grad_(True)
-        out, _ = layer(inp)
-        out.square().sum().backward()
-        results.append((out.detach(), tracked("ortho_loss"), inp.grad,
-                        [p.grad for p in layer.parameters()]))
-    (out0, lo0, dx0, grads0), (out1, lo1, dx1, grads1) = results
-    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
-    assert lo1 == pytest.approx(lo0, rel=1e-6)
-    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-7)
-    for a, b in zip(grads1, grads0):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    shared = {"moe_shared_expert_intermediate_size": 12, "moe_var_loss_coeff": 0.0}
+    plain, overlapped = step_variants(torch.randn(SEQ, BATCH, HIDDEN), shared,
+                                      {**shared, "moe_shared_expert_overlap": True})
+    assert not plain.layer.shared_expert_overlap and overlapped.layer.shared_expert_overlap
+    assert_same_step(overlapped, plain)
