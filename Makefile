@@ -9,7 +9,7 @@ VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 STAMP_LATEST := $(VENV_LATEST)/.installed
 
-.PHONY: install install-latest test test-latest demo data check-parallel clean gpu-wheels tensorboard
+.PHONY: install install-latest test test-latest demo demo-megatron-lm data check-parallel clean gpu-wheels tensorboard
 
 # Default stack: Python 3.11, PyTorch's CPU wheel, megatron-core 0.16.1. The Dockerfile installs
 # requirements.txt and the latest megatron-core into NGC's PyTorch instead (keeping that PyTorch).
@@ -80,6 +80,19 @@ data: $(DATA)/corpus_train.bin $(DATA)/corpus_valid.bin
 # Pretrain the tiny GPT-MoE (8 experts, top-2, L_o + L_v) on 2 CPU processes with EP=2.
 demo: $(STAMP) data
 	OUTPUT_DIR=runs/demo examples/pretrain/run_pretrain_moe.sh tiny_cpu
+
+# The losses in Megatron-LM's own pretrain() (latest stack): a tiny GPT-MoE on mock data, EP=2.
+MEGATRON_LM_DEMO = --num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128 \
+	--seq-length 64 --max-position-embeddings 64 --micro-batch-size 4 --global-batch-size 8 \
+	--lr 1e-3 --lr-warmup-iters 5 --train-iters 50 --num-experts 4 --moe-router-topk 2 \
+	--moe-token-dispatcher-type alltoall --moe-aux-loss-coeff 1e-2 --expert-model-parallel-size 2 \
+	--mock-data --tokenizer-type NullTokenizer --vocab-size 256 --disable-bias-linear \
+	--normalization RMSNorm --position-embedding-type rope --log-interval 10 --eval-interval 50 \
+	--eval-iters 2 --save-interval 50 --moe-ortho-loss-coeff auto --moe-var-loss-coeff auto
+
+demo-megatron-lm: $(STAMP_LATEST)
+	GPUS_PER_NODE=2 OUTPUT_DIR=runs/demo_megatron_lm PYTHON=$(PY_LATEST) \
+		examples/pretrain/run_pretrain_megatron_lm.sh $(MEGATRON_LM_DEMO)
 
 # TensorBoard over every run's logs (runs/*/tensorboard), from the venv.
 tensorboard: $(STAMP)

@@ -67,6 +67,13 @@ def accepted(parameters: set[str], **optional: Any) -> dict[str, Any]:
     return {key: value for key, value in optional.items() if key in parameters}
 
 
+def is_moe_entry(mlp: Any) -> bool:
+    """Whether the ``mlp`` entry of a TransformerLayer spec builds megatron-core's MoELayer (a
+    ``ModuleSpec`` up to 0.17, a ``functools.partial`` from 0.18)."""
+    return (isinstance(mlp, ModuleSpec) and mlp.module is MoELayer) or (
+        isinstance(mlp, functools.partial) and mlp.func is MoELayer)
+
+
 def specialize_moe_entry(mlp: Any, layer_class: type, router_class: type) -> Any:
     """The MoE entry of a TransformerLayer spec, with ``layer_class`` for megatron's MoELayer and
     ``router_class`` for its router: a ``ModuleSpec`` (<= 0.17) or ``functools.partial(MoELayer,

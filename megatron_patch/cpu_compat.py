@@ -1,4 +1,4 @@
-"""CPU/gloo compatibility shims for megatron-core 0.16.1 (used only when no GPU is present).
+"""CPU/gloo compatibility shims for megatron-core 0.16.1 to 0.19 (used only when no GPU is present).
 
 megatron-core assumes CUDA devices and NCCL. To run its parallel layouts (TP with SP, PP with the
 1F1B schedule, EP with the alltoall dispatcher, ETP, DP with megatron DDP, dist_checkpointing) as
@@ -47,6 +47,9 @@ Shims, and why:
     `deepspeed.init_distributed` JIT-compiles a shared-memory all-reduce op (a C++ build of one
     to two minutes on every fresh machine). `use_gloo_for_deepspeed_comm()` makes
     `deepspeed.comm` use plain gloo collectives instead, which give the same results.
+13. Megatron-LM's own training loop (`megatron.training`, used by `megatron_patch.megatron_lm`):
+    `apply_megatron_training_patches()` gives its modules a `torch.cuda` of one device, the CPU,
+    and skips its CUDA JIT warm-up (see that function).
 
 Not needed and not shimmed: context parallel, virtual pipeline, overlap_grad_reduce, persistent
 async checkpoint save. dist_checkpointing save additionally needs `psutil` installed and a
@@ -165,27 +168,56 @@ def _cpu_if_cuda(device: Any) -> Any:
     return device
 
 
+def _on_cpu(factory: Any) -> staticmethod:
+    """``factory`` with a CUDA ``device`` argument mapped to the CPU."""
+
+    def create(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        return factory(*args, device=_cpu_if_cuda(device), **kwargs)
+
+    return staticmethod(create)
+
+
 class _CpuFactoryTorch(types.ModuleType):
     """The `torch` module, except that tensor factories map a CUDA `device` to the CPU."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
 
-    @staticmethod
-    def zeros(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros(*args, device=_cpu_if_cuda(device), **kwargs)
+    zeros = _on_cpu(torch.zeros)
+    ones = _on_cpu(torch.ones)
+    empty = _on_cpu(torch.empty)
+    empty_like = _on_cpu(torch.empty_like)
+    full = _on_cpu(torch.full)
+    tensor = _on_cpu(torch.tensor)
+    arange = _on_cpu(torch.arange)
+    rand = _on_cpu(torch.rand)
+    randn = _on_cpu(torch.randn)
 
-    @staticmethod
-    def empty(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
-        return torch.empty(*args, device=_cpu_if_cuda(device), **kwargs)
 
-    @staticmethod
-    def empty_like(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
-        return torch.empty_like(*args, device=_cpu_if_cuda(device), **kwargs)
+class _OneDeviceCuda(types.ModuleType):
+    """`torch.cuda` as Megatron-LM's training loop must see it on CPU (shim 13): one device (the
+    CPU), no-op device and memory management, the CPU's RNG state; the rest is `torch.cuda`."""
 
-    @staticmethod
-    def tensor(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
-        return torch.tensor(*args, device=_cpu_if_cuda(device), **kwargs)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    is_available = staticmethod(lambda: True)
+    device_count = staticmethod(lambda: 1)
+    set_device = staticmethod(lambda device: None)
+    empty_cache = staticmethod(lambda: None)
+    reset_peak_memory_stats = staticmethod(lambda device=None: None)
+    memory_allocated = staticmethod(lambda device=None: 0)
+    max_memory_allocated = staticmethod(lambda device=None: 0)
+    memory_reserved = staticmethod(lambda device=None: 0)
+    max_memory_reserved = staticmethod(lambda device=None: 0)
+    get_rng_state = staticmethod(lambda device="cuda": torch.get_rng_state())
+    set_rng_state = staticmethod(lambda state, device="cuda": torch.set_rng_state(state))
+
+
+class _OneDeviceTorch(_CpuFactoryTorch):
+    """`_CpuFactoryTorch` whose `cuda` is `_OneDeviceCuda`."""
+
+    cuda = _OneDeviceCuda("torch.cuda")
 
 
 # --- 7./8. gloo collectives --------------------------------------------------------------------
@@ -330,6 +362,29 @@ def apply_cpu_gloo_patches() -> None:
     _patch_wrapped_torch_norm()
     _patch_megatron_optimizer(cpu_torch)
     _APPLIED = True
+
+
+def apply_megatron_training_patches() -> None:
+    """Shim 13: Megatron-LM's training loop (``megatron.training``, megatron-core 0.19's wheel) on
+    CPU; no-op if CUDA is available. Call after ``apply_cpu_gloo_patches`` and before
+    ``pretrain()`` (imports ``megatron.training``).
+
+    ``pretrain()`` asserts CUDA, creates model-parallel groups and seeds only with a CUDA device,
+    warms up JIT fusions on CUDA tensors and makes CUDA tensors for flags, timestamps and loss
+    logging; its rerun state machine saves the CUDA RNG state. Those modules see a `torch` whose
+    `cuda` is one device, the CPU (`_OneDeviceTorch`), and the JIT warm-up is skipped (there is
+    nothing to compile for on CPU).
+    """
+    if torch.cuda.is_available():
+        return
+    from megatron.core import rerun_state_machine
+    from megatron.training import checkpointing, initialize, training
+    from megatron.training.utils import common_utils
+
+    one_device = _OneDeviceTorch("torch")
+    for module in (initialize, training, common_utils, checkpointing, rerun_state_machine):
+        module.torch = one_device
+    training.set_jit_fusion_options = lambda *args, **kwargs: None
 
 
 def use_gloo_for_deepspeed_comm() -> None:

@@ -100,14 +100,19 @@ def _type_name(annotation: Any) -> str:
             str: "a string"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """Add one argument group titled ``title`` with the flags of section ``cls``; every flag's
-    parser default is ``None`` (not given), so given flags can be told from defaults."""
+def add_flags(parser: argparse.ArgumentParser, cls: type, title: str,
+              with_defaults: bool = False) -> None:
+    """Add one argument group titled ``title`` with the flags of section ``cls``. Every flag's
+    parser default is ``None`` (not given, so given flags can be told from defaults), or, with
+    ``with_defaults``, the field's default (for parsers that read the values directly, such as
+    Megatron-LM's)."""
     group = parser.add_argument_group(title)
     types = _field_types(cls)
     for field in flag_fields(cls):
         base, _ = _unwrap_optional(types[field.name])
-        kwargs: dict[str, Any] = {"dest": dest(field), "default": None,
+        default = field.default if with_defaults and field.default is not dataclasses.MISSING \
+            else None
+        kwargs: dict[str, Any] = {"dest": dest(field), "default": default,
                                   "help": _help(field), "choices": field.metadata["choices"]}
         if base is bool:
             kwargs.pop("choices")

@@ -21,6 +21,9 @@ from megatron_patch.moe.routing_stats import is_training_forward
 
 Modules = Union[torch.nn.Module, Iterable[torch.nn.Module]]
 RECORDING_ONLY_ATTR = "losses_recording_only"
+# Set by a training loop that calibrates "auto" coefficients from what the modules record while
+# uncalibrated (instead of refusing to train).
+DEFER_ATTR = "defer_calibration"
 
 
 def initial_coefficient(value: Coefficient, device: torch.device) -> torch.Tensor:
@@ -55,12 +58,26 @@ def recording_only(modules: Modules) -> Iterator[None]:
             setattr(module, RECORDING_ONLY_ATTR, False)
 
 
-def check_calibrated(coeff: torch.Tensor, flag: str) -> None:
-    """Refuse to train with an ``"auto"`` coefficient that was never calibrated."""
+def attaches_loss(module: torch.nn.Module, coeff: torch.Tensor, flag: str) -> bool:
+    """Whether this forward of ``module`` attaches its loss (False: it only records it).
+
+    Recording only: inside ``recording_only``, and, for a module with ``DEFER_ATTR`` set, while
+    its ``"auto"`` coefficient is still uncalibrated (a training loop that calibrates from the
+    recorded values, e.g. ``megatron_patch.megatron_lm``). Otherwise an uncalibrated coefficient
+    is refused. The coefficient is read on the host only until it is seen calibrated.
+    """
+    if getattr(module, RECORDING_ONLY_ATTR):
+        return False
+    if module.coefficient_calibrated:
+        return True
     if torch.isnan(coeff).item():
+        if getattr(module, DEFER_ATTR, False):
+            return False
         raise RuntimeError(
             f"{flag} is 'auto' but was not calibrated: call "
             "megatron_patch.moe.calibration.calibrate_coefficients(...) before the first training "
             "step (the training loop does this), or load a checkpoint that holds the calibrated "
             "value, or pass a fixed coefficient."
         )
+    module.coefficient_calibrated = True
+    return True

@@ -13,7 +13,7 @@ from megatron_patch.compat import MOE_LAYER_PARAMETERS, accepted
 from megatron_patch.moe.attach import attach_mean_loss, global_count
 from megatron_patch.moe.coefficients import (
     RECORDING_ONLY_ATTR,
-    check_calibrated,
+    attaches_loss,
     initial_coefficient,
     loss_active,
 )
@@ -59,7 +59,7 @@ class SpecializationMoELayer(MoELayer):
             "ortho_loss_coeff",
             initial_coefficient(config.moe_ortho_loss_coeff, self.router.weight.device),
         )
-        self._coeff_checked = False
+        self.coefficient_calibrated = False
         setattr(self, RECORDING_ONLY_ATTR, False)
         # [T_local] bool (True = padding) of the forward in progress, set by ``route``.
         self._padding: Optional[torch.Tensor] = None
@@ -102,10 +102,7 @@ class SpecializationMoELayer(MoELayer):
         return self.token_dispatcher.apply_gates(rows)
 
     def _gates_with_ortho_loss(self, rows: torch.Tensor) -> torch.Tensor:
-        attach = not getattr(self, RECORDING_ONLY_ATTR)
-        if attach and not self._coeff_checked:
-            check_calibrated(self.ortho_loss_coeff, COEFFICIENT_FLAGS[ORTHO_LOSS])
-            self._coeff_checked = True
+        attach = attaches_loss(self, self.ortho_loss_coeff, COEFFICIENT_FLAGS[ORTHO_LOSS])
         slots = self.token_dispatcher.token_slots()
         gated, gram = gated_gram(
             rows,

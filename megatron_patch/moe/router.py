@@ -13,7 +13,7 @@ from megatron_patch.compat import ROUTER_PARAMETERS, accepted
 from megatron_patch.moe.attach import attach_mean_loss, global_count
 from megatron_patch.moe.coefficients import (
     RECORDING_ONLY_ATTR,
-    check_calibrated,
+    attaches_loss,
     initial_coefficient,
     loss_active,
 )
@@ -74,7 +74,7 @@ class SpecializationRouter(TopKRouter):
         self.register_buffer(
             "var_loss_coeff", initial_coefficient(config.moe_var_loss_coeff, self.weight.device)
         )
-        self._coeff_checked = False
+        self.coefficient_calibrated = False
         setattr(self, RECORDING_ONLY_ATTR, False)
         self.routing_statistics: Optional[RoutingStatistics] = None
 
@@ -106,10 +106,7 @@ class SpecializationRouter(TopKRouter):
     def _attach_var_loss(
         self, probs: torch.Tensor, scores: torch.Tensor, padding_mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        attach = not getattr(self, RECORDING_ONLY_ATTR)
-        if attach and not self._coeff_checked:
-            check_calibrated(self.var_loss_coeff, COEFFICIENT_FLAGS[VAR_LOSS])
-            self._coeff_checked = True
+        attach = attaches_loss(self, self.var_loss_coeff, COEFFICIENT_FLAGS[VAR_LOSS])
         variances = routing_variance_per_token(scores)
         if padding_mask is None:
             local_tokens = variances.numel()
