@@ -28,7 +28,8 @@ from megatron_patch.moe.names import COEFFICIENT_FLAGS, ORTHO_LOSS, VAR_LOSS
 
 class SpecializationMetricsTracker(MoEMetricsTracker):
     """``MoEMetricsTracker`` that also reports ``ortho_loss``/``var_loss`` and calibrates their
-    ``"auto"`` coefficients (collective over all ranks, like ``report``)."""
+    ``"auto"`` coefficients. ``report`` stays megatron-core's collective (PP, TP x CP, DP); the
+    calibration only reads its reduced values, so it adds no collective."""
 
     def __init__(self, losses: LossConfig) -> None:
         super().__init__()
