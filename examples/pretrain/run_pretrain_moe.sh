@@ -6,9 +6,7 @@
 # PRESET is a file in examples/pretrain/configs/ without .yaml (tiny_cpu, deepseek_moe_1b.h100x8,
 # ...) or a path to any YAML file of flags; extra flags override it.
 # Environment (Megatron/Pai-Megatron-Patch conventions; defaults for one machine):
-#   GPUS_PER_NODE  processes per node (default: number of GPUs, or 2 on a CPU-only machine)
-#   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   the rendezvous (default 1 / 0 / localhost / a free
-#                   port on one node; set MASTER_PORT on several nodes)
+#   GPUS_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT   the rendezvous (rendezvous.sh)
 #   DATA_PATH       dataset prefix(es), megatron style "P" or "W1 P1 W2 P2" (default: the demo data)
 #   VALID_DATA_PATH separate validation prefix(es) (default: the demo's, if DATA_PATH is the demo's)
 #   TOKENIZER_MODEL sentencepiece model (default: the demo tokenizer)
@@ -31,19 +29,8 @@ fi
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
-if [[ -z "${GPUS_PER_NODE:-}" ]]; then
-    GPUS_PER_NODE=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)")
-fi
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-PORT_ARGS=()
-if [[ -n "${MASTER_PORT:-}" ]]; then
-    PORT_ARGS=(--master-port "$MASTER_PORT")
-elif [[ "$NNODES" != 1 ]]; then
-    echo "error: set MASTER_PORT (the same free port on every node) for NNODES=$NNODES" >&2
-    exit 2
-fi
+# shellcheck source=examples/pretrain/rendezvous.sh
+source "$ROOT/examples/pretrain/rendezvous.sh"
 if [[ -z "${DATA_PATH:-}" ]]; then
     DATA_PATH=$ROOT/data/corpus_train
     VALID_DATA_PATH=${VALID_DATA_PATH:-$ROOT/data/corpus_valid}
@@ -61,9 +48,7 @@ mkdir -p "$OUTPUT_DIR"
 # save and exit 0, the workers exit when the launcher dies, bad input exits 2.
 # Data-path words are passed unquoted on purpose: "W1 P1 W2 P2" is a list.
 # shellcheck disable=SC2086
-exec "$PYTHON" -m megatron_patch.launch \
-    --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK" \
-    --master-addr "$MASTER_ADDR" "${PORT_ARGS[@]}" \
+exec "$PYTHON" -m megatron_patch.launch "${RENDEZVOUS_ARGS[@]}" \
     -m megatron_patch.training.pretrain \
     --config "$CONFIG" \
     --data-path $DATA_PATH "${VALID_ARGS[@]}" \
