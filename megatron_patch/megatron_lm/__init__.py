@@ -70,12 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def loss_config(args: argparse.Namespace) -> LossConfig:
-    """The loss settings among Megatron-LM's parsed ``args`` (validated)."""
-    fields = LossConfig.__dataclass_fields__
-    return LossConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
-
-
 def transformer_config(args: argparse.Namespace) -> SpecializationConfig:
     """The model's ``SpecializationConfig`` from Megatron-LM's parsed ``args`` (what
     ``core_transformer_config_from_args`` builds, plus the loss settings).
@@ -108,13 +102,14 @@ def layer_spec(model_config: GPTModelConfig, vp_stage: Optional[int] = None) -> 
     """Megatron-LM's default GPT layer spec for ``model_config`` (local or Transformer Engine,
     dense and MoE layers as ``--moe-layer-freq`` says), each MoE layer with this package's
     router and MoE layer. Usable as ``GPTModelConfig.transformer_layer_spec``."""
+    def specialized(layer: Any) -> Any:
+        return with_specialization(layer) if is_moe_entry(layer.submodules.mlp) else layer
+
     spec = default_layer_spec(model_config, vp_stage)
-    layers = getattr(spec, "layer_specs", None)
-    if layers is None:
-        return with_specialization(spec) if is_moe_entry(spec.submodules.mlp) else spec
+    if not hasattr(spec, "layer_specs"):  # one TransformerLayer spec, not a block spec
+        return specialized(spec)
     spec = copy.copy(spec)
-    spec.layer_specs = [with_specialization(layer) if is_moe_entry(layer.submodules.mlp)
-                        else layer for layer in layers]
+    spec.layer_specs = [specialized(layer) for layer in spec.layer_specs]
     return spec
 
 

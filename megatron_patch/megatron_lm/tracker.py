@@ -20,10 +20,12 @@ from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
 from megatron.training.global_vars import get_args
 from megatron.training.utils import print_rank_last
 
-from megatron_patch.moe.calibration import coefficient_buffers, power_of_ten_coefficient
-from megatron_patch.moe.coefficients import DEFER_ATTR, RECORDING_ONLY_ATTR
-from megatron_patch.moe.loss_config import AUTO, LossConfig
-from megatron_patch.moe.names import COEFFICIENT_FLAGS, ORTHO_LOSS, VAR_LOSS
+from megatron_patch.moe.calibration import coefficient_buffers, fill_calibrated
+from megatron_patch.moe.coefficients import defer_calibration
+from megatron_patch.moe.loss_config import LossConfig
+
+# The key of Megatron-LM's ``total_loss_dict`` counting the iterations summed since its last print.
+ADVANCED_ITERATIONS = "advanced iterations"
 
 
 class SpecializationMetricsTracker(MoEMetricsTracker):
@@ -37,31 +39,14 @@ class SpecializationMetricsTracker(MoEMetricsTracker):
         self.model_chunks: list[torch.nn.Module] = []
         self.calibrated: dict[str, float] = {}
         self._scalars: dict[str, Any] = {}
-        self._targets = {
-            name: target for name, coeff, target in (
-                (ORTHO_LOSS, losses.moe_ortho_loss_coeff, losses.moe_ortho_loss_target),
-                (VAR_LOSS, losses.moe_var_loss_coeff, losses.moe_var_loss_target))
-            if coeff == AUTO}
-        self._checking = bool(self._targets)
-        self._interval_sums: dict[str, float] = {}
-        self._interval_steps = 0
-        self._printed = False
-
-    @property
-    def loss_names(self) -> list[str]:
-        """The specialization losses this run computes."""
-        return [name for name, enabled in ((ORTHO_LOSS, self.losses.ortho_loss_enabled),
-                                           (VAR_LOSS, self.losses.var_loss_enabled)) if enabled]
+        self._checking = bool(losses.auto_targets)
 
     def attach(self, model_chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
         """Post-wrap hook of the model config: remember this rank's model chunks and let their
         specialization modules record, not refuse, while an ``"auto"`` coefficient is
         uncalibrated. Returns ``model_chunks``."""
         self.model_chunks = list(model_chunks)
-        for chunk in self.model_chunks:
-            for module in chunk.modules():
-                if hasattr(module, RECORDING_ONLY_ATTR):
-                    setattr(module, DEFER_ATTR, True)
+        defer_calibration(self.model_chunks)
         return model_chunks
 
     def report(self, loss_scale: float, iteration: int, *args: Any,
@@ -70,33 +55,27 @@ class SpecializationMetricsTracker(MoEMetricsTracker):
         iteration past ``--moe-loss-calibration-iters``, the calibration of ``"auto"``
         coefficients from this iteration's reduced values."""
         if track_names is not None:
-            names = [track_names] if isinstance(track_names, str) else list(track_names)
-            track_names = names + [name for name in self.loss_names if name not in names]
+            names = self._resolve_names(track_names)
+            track_names = names + [name for name in self.losses.enabled_losses
+                                   if name not in names]
         self._scalars = {}
         log_string = super().report(loss_scale, iteration, *args, track_names=track_names,
                                     **kwargs)
-        log_string += self._negative_losses(iteration)
+        log_string += self._negative_losses(iteration, kwargs.get("total_loss_dict"))
         if self._checking and iteration > self.losses.moe_loss_calibration_iters:
             self._calibrate(iteration)
         return log_string
 
-    def _negative_losses(self, iteration: int) -> str:
+    def _negative_losses(self, iteration: int, totals: Optional[dict[str, Any]]) -> str:
         """Console text for the specialization losses below zero (L_v is), which Megatron-LM's
-        log line leaves out: their mean over the ``--log-interval`` iterations, printed when
-        Megatron-LM prints its line (TensorBoard and W&B get every value from ``report``)."""
-        for name in self.loss_names:
-            if name in self._scalars:
-                self._interval_sums[name] = self._interval_sums.get(name, 0.0) + float(
-                    self._scalars[name])
-        self._interval_steps += 1
-        if iteration % get_args().log_interval:
+        log line leaves out: on the iterations it prints, their mean from its own sums
+        (``totals``, its ``total_loss_dict``), as it prints the other losses."""
+        if totals is None or iteration % get_args().log_interval:
             return ""
-        text = "".join(f" {name}: {total / self._interval_steps:.6E} |"
-                       for name, total in self._interval_sums.items() if total < 0.0)
-        if self._printed:  # like Megatron-LM's sums, kept over the process's first log line
-            self._interval_sums, self._interval_steps = {}, 0
-        self._printed = True
-        return text
+        steps = max(1, totals.get(ADVANCED_ITERATIONS, 0))
+        means = {name: totals[name].item() / steps for name in self.losses.enabled_losses
+                 if name in totals}
+        return "".join(f" {name}: {mean:.6E} |" for name, mean in means.items() if mean < 0.0)
 
     def _aggregate(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self._scalars = super()._aggregate(*args, **kwargs)
@@ -107,14 +86,10 @@ class SpecializationMetricsTracker(MoEMetricsTracker):
         have set them) from this iteration's reduced raw values; each rank decides from its own
         buffers alone, and all of them read the same reduced values."""
         buffers = coefficient_buffers(self.model_chunks)
-        for name, target in self._targets.items():
-            if not any(torch.isnan(buffer).item() for buffer in buffers[name]):
-                continue
-            raw_mean = float(self._scalars[name])
-            value = power_of_ten_coefficient(raw_mean, target, COEFFICIENT_FLAGS[name])
-            for buffer in buffers[name]:
-                buffer.fill_(value)
-            self.calibrated[name] = value
+        for name, target in self.losses.auto_targets.items():
+            if any(torch.isnan(buffer).item() for buffer in buffers[name]):
+                self.calibrated[name] = fill_calibrated(
+                    buffers[name], name, float(self._scalars[name]), target)
         self._checking = False
         if self.calibrated:
             print_rank_last(f"megatron_patch: calibrated coefficients on the global batch of "

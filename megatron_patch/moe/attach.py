@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.compat import ensure_moe_metrics, record_moe_metric
 
-from megatron_patch.moe.names import BALANCING_LOSS, ORTHO_LOSS, VAR_LOSS, Z_LOSS
+from megatron_patch.moe.names import BALANCING_LOSS, Z_LOSS
 
 
 def global_count(
@@ -113,9 +113,7 @@ def reported_losses(config: TransformerConfig) -> list[str]:
              if kind in BALANCING_LOSS and coeff > 0]
     if config.moe_z_loss_coeff:
         names.append(Z_LOSS)
-    names += [name for name, on in ((ORTHO_LOSS, getattr(config, "ortho_loss_enabled", False)),
-                                    (VAR_LOSS, getattr(config, "var_loss_enabled", False))) if on]
-    return names
+    return names + getattr(config, "enabled_losses", [])
 
 
 def tracked_layers(config: TransformerConfig) -> int:

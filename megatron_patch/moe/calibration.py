@@ -40,6 +40,16 @@ def power_of_ten_coefficient(raw_mean: float, target: float, flag: str) -> float
     return 10.0 ** round(math.log10(target / abs(raw_mean)))
 
 
+def fill_calibrated(buffers: list[torch.Tensor], name: str, raw_mean: float,
+                    target: float) -> float:
+    """Calibrate loss ``name``'s coefficient from its reduced ``raw_mean`` towards ``target``
+    (``power_of_ten_coefficient``), write it into ``buffers`` and return it."""
+    value = power_of_ten_coefficient(raw_mean, target, COEFFICIENT_FLAGS[name])
+    for buffer in buffers:
+        buffer.fill_(value)
+    return value
+
+
 def coefficient_buffers(modules: Modules) -> dict[str, list[torch.Tensor]]:
     """The coefficient buffers of ``modules``' specialization layers, by loss name."""
     buffers: dict[str, list[torch.Tensor]] = {VAR_LOSS: [], ORTHO_LOSS: []}
@@ -133,11 +143,7 @@ def calibrate_coefficients(
     Returns:
         ``{"ortho_loss": beta, "var_loss": gamma}`` for the losses that were calibrated.
     """
-    todo = {}
-    if config.moe_ortho_loss_coeff == AUTO:
-        todo[ORTHO_LOSS] = config.moe_ortho_loss_target
-    if config.moe_var_loss_coeff == AUTO:
-        todo[VAR_LOSS] = config.moe_var_loss_target
+    todo = config.auto_targets
     if not todo:
         return {}
     tp_cp_group = (
@@ -158,8 +164,6 @@ def calibrate_coefficients(
     for name, target in todo.items():
         values = moe_metric_values(name)
         raw_mean = values.sum().item() / (num_moe_layers(config) * num_microbatches)
-        result[name] = power_of_ten_coefficient(raw_mean, target, COEFFICIENT_FLAGS[name])
-        for buffer in buffers[name]:
-            buffer.fill_(result[name])
+        result[name] = fill_calibrated(buffers[name], name, raw_mean, target)
         values.zero_()
     return result

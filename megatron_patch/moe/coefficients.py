@@ -43,12 +43,24 @@ def loss_active(module: torch.nn.Module) -> bool:
     return getattr(module, RECORDING_ONLY_ATTR) or is_training_forward(module)
 
 
+def loss_modules(modules: Modules) -> list[torch.nn.Module]:
+    """The modules of ``modules`` that compute a specialization loss (router, MoE layer)."""
+    return [module for chunk in model_chunks(modules) for module in chunk.modules()
+            if hasattr(module, RECORDING_ONLY_ATTR)]
+
+
+def defer_calibration(modules: Modules) -> None:
+    """Let the loss modules of ``modules`` record, not refuse, while an ``"auto"`` coefficient
+    is uncalibrated (``attaches_loss``): for a training loop that calibrates from those values."""
+    for module in loss_modules(modules):
+        setattr(module, DEFER_ATTR, True)
+
+
 @contextlib.contextmanager
 def recording_only(modules: Modules) -> Iterator[None]:
     """Compute and log the specialization losses of ``modules`` without attaching them (works
     under no_grad): coefficient calibration, and training before it."""
-    holders = [module for chunk in model_chunks(modules) for module in chunk.modules()
-               if hasattr(module, RECORDING_ONLY_ATTR)]
+    holders = loss_modules(modules)
     for module in holders:
         setattr(module, RECORDING_ONLY_ATTR, True)
     try:

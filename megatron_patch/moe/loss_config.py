@@ -15,6 +15,7 @@ from typing import Union
 from megatron_patch.flags import ConfigError, option
 from megatron_patch.moe.gated_gram import GRAM_KERNELS
 from megatron_patch.moe.losses import ORTHO_FORMS
+from megatron_patch.moe.names import ORTHO_LOSS, VAR_LOSS
 
 AUTO = "auto"
 Coefficient = Union[float, str]
@@ -130,6 +131,19 @@ class LossConfig:
     def auto(self) -> bool:
         """Some coefficient is calibrated (``"auto"``)."""
         return AUTO in (self.moe_ortho_loss_coeff, self.moe_var_loss_coeff)
+
+    @property
+    def enabled_losses(self) -> list[str]:
+        """Tracker names of the specialization losses these settings compute."""
+        return [name for name, enabled in ((ORTHO_LOSS, self.ortho_loss_enabled),
+                                           (VAR_LOSS, self.var_loss_enabled)) if enabled]
+
+    @property
+    def auto_targets(self) -> dict[str, float]:
+        """Target magnitude of each loss whose coefficient is ``"auto"``, by tracker name."""
+        return {name: target for name, coeff, target in (
+            (ORTHO_LOSS, self.moe_ortho_loss_coeff, self.moe_ortho_loss_target),
+            (VAR_LOSS, self.moe_var_loss_coeff, self.moe_var_loss_target)) if coeff == AUTO}
 
     def transformer_config_kwargs(self) -> dict:
         """The ``SpecializationConfig`` fields (all but the calibration schedule, which is the

@@ -18,9 +18,6 @@ BALANCING_LOSS = {
     "global_aux_loss": "global_load_balancing_loss",
 }
 
-# Every MoE loss a training step reports (those the model computes), in log order.
-MOE_LOSSES = (*BALANCING_LOSS.values(), Z_LOSS, ORTHO_LOSS, VAR_LOSS)
-
 # Short labels of the losses for consoles, plots and tables.
 LOSS_LABELS = {
     **{name: "L_aux" for name in BALANCING_LOSS.values()},
