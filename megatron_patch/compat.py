@@ -82,17 +82,16 @@ def specialize_moe_entry(mlp: Any, layer_class: type, router_class: type) -> Any
     Raises:
         ValueError: ``mlp`` is not megatron-core's MoELayer entry.
     """
-    if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
+    if not is_moe_entry(mlp):
+        raise ValueError(
+            "with_specialization needs a layer spec whose mlp is megatron-core's MoELayer; build "
+            "it with num_experts set (e.g. get_gpt_layer_local_spec(num_experts=8)).")
+    if isinstance(mlp, ModuleSpec):
         spec = dataclasses.replace(mlp, module=layer_class)
         spec.submodules = dataclasses.replace(mlp.submodules, router=router_class)
         return spec
-    if isinstance(mlp, functools.partial) and mlp.func is MoELayer:
-        submodules = dataclasses.replace(mlp.keywords["submodules"], router=router_class)
-        return functools.partial(layer_class, *mlp.args, **{**mlp.keywords,
-                                                            "submodules": submodules})
-    raise ValueError(
-        "with_specialization needs a layer spec whose mlp is megatron-core's MoELayer; build it "
-        "with num_experts set (e.g. get_gpt_layer_local_spec(num_experts=8)).")
+    submodules = dataclasses.replace(mlp.keywords["submodules"], router=router_class)
+    return functools.partial(layer_class, *mlp.args, **{**mlp.keywords, "submodules": submodules})
 
 
 def build_moe_layer(mlp: Any, config: Any, **kwargs: Any) -> torch.nn.Module:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megatron_patch.flags import ConfigError, add_flags  # noqa: E402
-from megatron_patch.moe.gated_gram import triton_kernel_problem  # noqa: E402
+from megatron_patch.flags import add_flags  # noqa: E402
+from megatron_patch.distributed.world import BACKENDS  # noqa: E402
 from megatron_patch.moe.loss_config import LossConfig  # noqa: E402
 from megatron_patch.parallel_check.cases import parse_case  # noqa: E402
 from megatron_patch.parallel_check.check import CHECK_MODEL, DEFAULT_CASES, check_cases  # noqa: E402
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--micro-batch-size", type=int, default=None, help="default 2")
     run.add_argument("--global-batch-size", type=int, default=8)
     run.add_argument("--vocab-size", type=int, default=128)
-    run.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
+    run.add_argument("--backend", default="auto", choices=BACKENDS)
     run.add_argument("--seed", type=int, default=0, help="of the random global batch")
     run.add_argument("--rtol", type=float, default=1e-5,
                      help="relative tolerance, against max|ref| of each quantity")
@@ -57,12 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cases = [parse_case(spec) for spec in args.layouts.split(",") if spec.strip()]
         job = JobConfig.from_flat({**CHECK_MODEL, **given})
-        if job.losses.moe_ortho_loss_kernel == "triton" and (problem := triton_kernel_problem()):
-            raise ConfigError(problem)
-        # Bad model settings fail here, with their message, rather than in every process.
-        from megatron_patch.training.model import transformer_config
-
-        transformer_config(job)
+        job.check_model()  # bad model settings fail here, with their message, not per process
     except (ValueError, AssertionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

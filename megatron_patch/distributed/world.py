@@ -15,7 +15,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,23 @@ import torch.multiprocessing as mp
 from megatron_patch.distributed.layout import Layout
 
 BACKENDS = ("auto", "nccl", "gloo")
+T = TypeVar("T")
+
+
+def decided_on_rank0(decide: Callable[[], T], errors: type[Exception]) -> T:
+    """Run ``decide`` on global rank 0 only (file-system decisions: one reader, one answer);
+    collective over the default group: every rank returns its result, or raises the error of
+    type ``errors`` it raised."""
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = decide()
+        except errors as error:
+            outcome[0] = error
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], errors):
+        raise outcome[0]
+    return outcome[0]
 
 
 def world_from_environment() -> tuple[int, int, int]:

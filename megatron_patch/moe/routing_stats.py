@@ -57,15 +57,20 @@ class RoutingStatistics:
             scores: [T, E] routing scores of all experts (normalized here).
             padding_mask: optional [T] bool, True for padding tokens (not counted).
         """
-        if padding_mask is not None:
-            valid = ~padding_mask.reshape(-1)
-            routing_map, scores = routing_map[valid], scores[valid]
-        row = self.counts[layer_number - 1]
-        row[: self.num_experts] += routing_map.sum(0).double()
         p = scores.double()
         p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
-        row[-2] += -(p * p.clamp_min(1e-30).log()).sum()
-        row[-1] += scores.shape[0]
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+        row = self.counts[layer_number - 1]
+        if padding_mask is None:
+            row[: self.num_experts] += routing_map.sum(0).double()
+            row[-2] += entropy.sum()
+            row[-1] += scores.shape[0]
+            return
+        # Masked by multiplication, not indexing: no device-to-host sync in the forward.
+        valid = ~padding_mask.reshape(-1)
+        row[: self.num_experts] += (routing_map & valid[:, None]).sum(0).double()
+        row[-2] += (entropy * valid).sum()
+        row[-1] += valid.sum()
 
     def reduce(self, pg_collection: ProcessGroupCollection) -> dict[str, torch.Tensor]:
         """Collective over all ranks: the step's global per-layer statistics; then resets.

@@ -38,6 +38,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_patch.distributed import decided_on_rank0
 from megatron_patch.optimizer.orthogonal import STATE_KEY as ORTHOGONAL_STATE_KEY
 from megatron_patch.training.checkpoint_files import (
     LATEST_FILE,
@@ -311,16 +312,8 @@ def load_checkpoint(
         CheckpointMismatchError: another model shape (or tokenizer), or no intact checkpoint,
             before any tensor is read.
     """
-    decision: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            decision[0] = choose_checkpoint(root, fallback)
-        except CheckpointMismatchError as error:
-            decision[0] = error
-    dist.broadcast_object_list(decision, src=0)
-    if isinstance(decision[0], Exception):
-        raise decision[0]
-    iteration, messages = decision[0]
+    iteration, messages = decided_on_rank0(lambda: choose_checkpoint(root, fallback),
+                                           CheckpointMismatchError)
     if iteration is None:
         return Restored(messages=messages)
     where = checkpoint_path(root, iteration)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_patch.distributed.layout import Layout
+from megatron_patch.distributed.world import BACKENDS
 from megatron_patch.flags import ConfigError, dest, flag_fields, from_namespace, option
 from megatron_patch.moe.loss_config import LossConfig
 from megatron_patch.optimizer.orthogonal import OrthogonalOptimizerConfig
@@ -125,7 +126,7 @@ class ParallelConfig:
     sequence_parallel: bool = option(False, "SP (required with TP > 1)")
     use_distributed_optimizer: bool = option(False, "Megatron's distributed optimizer (GPU)")
     distributed_backend: str = option("auto", "auto: nccl with GPUs, gloo without",
-                                      choices=("auto", "nccl", "gloo"))
+                                      choices=BACKENDS)
 
     def __post_init__(self) -> None:
         if self.expert_tensor_parallel_size is None:
@@ -335,12 +336,7 @@ class JobConfig:
         Raises:
             ConfigError: with the offending flags and a fix.
         """
-        from megatron_patch.moe.gated_gram import triton_kernel_problem
-        from megatron_patch.training.model import transformer_config
-
         layout = self.layout(world_size)
-        if self.losses.moe_ortho_loss_kernel == "triton" and (problem := triton_kernel_problem()):
-            raise ConfigError(problem)
         if self.data.data_path is None:
             raise ConfigError(
                 "--data-path is required (dataset prefix of a .bin/.idx pair); `make data` builds "
@@ -349,8 +345,22 @@ class JobConfig:
         if self.data.tokenizer_model is None:
             raise ConfigError("--tokenizer-model is required: the sentencepiece model the data "
                               "was tokenized with (data/tokenizer.model for the built-in corpus)")
-        transformer_config(self)  # megatron-core's and the losses' own checks
+        self.check_model()
         return layout
+
+    def check_model(self) -> None:
+        """The model's own checks (megatron-core's and the losses'), and whether the fused
+        kernel can run here; before any process group exists.
+
+        Raises:
+            ConfigError (or megatron-core's ValueError/AssertionError): naming the setting.
+        """
+        from megatron_patch.moe.gated_gram import triton_kernel_problem
+        from megatron_patch.training.model import transformer_config
+
+        if self.losses.moe_ortho_loss_kernel == "triton" and (problem := triton_kernel_problem()):
+            raise ConfigError(problem)
+        transformer_config(self)
 
     # --- flat form: flag destination -> value -------------------------------------------------
 

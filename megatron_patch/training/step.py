@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -220,12 +220,15 @@ def first_non_finite_module(model: torch.nn.Module, batch: dict) -> Optional[str
 
 
 def check_finite(
-    loss: float, iteration: int, model: list[torch.nn.Module], batch: Optional[dict]
+    loss: float, iteration: int, model: list[torch.nn.Module],
+    first_batch: Optional[Callable[[], dict]],
 ) -> None:
-    """Raise NonFiniteLossError (on every rank) if the step's loss is NaN/Inf."""
+    """Raise NonFiniteLossError (on every rank) if the step's loss is NaN/Inf; ``first_batch``
+    (None: not available, e.g. under pipeline parallelism) gives the step's first micro-batch,
+    only then, to name the first module whose output is not finite."""
     if torch.isfinite(torch.tensor(loss)):
         return
-    where = first_non_finite_module(model[0], batch) if batch is not None else None
+    where = first_non_finite_module(model[0], first_batch()) if first_batch is not None else None
     detail = f"; first non-finite output in {where} (this rank)" if where else ""
     raise NonFiniteLossError(
         f"loss is {loss} at iteration {iteration}{detail}. Lower --lr, raise --lr-warmup-iters, "

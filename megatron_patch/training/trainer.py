@@ -28,6 +28,7 @@ from megatron_patch.data.datasets import build_train_valid_datasets, parse_data_
 from megatron_patch.data.provenance import check_provenance, tokenizer_fingerprint
 from megatron_patch.data.tokenizer import load_tokenizer
 from megatron_patch.distributed import (
+    decided_on_rank0,
     init_model_parallel,
     init_world,
     world_from_environment,
@@ -208,19 +209,15 @@ class Trainer:
         save = self.job.checkpoint.save
         if not save:
             return None, []
-        lock, outcome = RunLock(save), [None]
-        if dist.get_rank() == 0:
-            try:
-                replaced = lock.acquire()
-                stale = prune_stale_saves(save)
-                outcome[0] = [replaced] * bool(replaced) + [
-                    f"removed {path.name}, a save that was interrupted" for path in stale]
-            except RunLockError as error:
-                outcome[0] = error
-        dist.broadcast_object_list(outcome, src=0)
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        return lock, outcome[0]
+        lock = RunLock(save)
+
+        def take() -> list[str]:
+            replaced = lock.acquire()
+            stale = prune_stale_saves(save)
+            return [replaced] * bool(replaced) + [
+                f"removed {path.name}, a save that was interrupted" for path in stale]
+
+        return lock, decided_on_rank0(take, RunLockError)
 
     def release(self) -> None:
         """Give ``--save``'s lock up (the job is over, or failed)."""
@@ -245,9 +242,9 @@ class Trainer:
             output = forward_backward(
                 self.model, self._batches(self.train_ds, self.consumed_samples), self.shape,
                 self.pg_collection, self.routing_statistics)
-        first_batch = (next(self._batches(self.train_ds, self.consumed_samples, 1))
-                       if self.layout.pp == 1 else None)
-        check_finite(output.lm_loss, self.iteration + 1, self.model, first_batch)
+        check_finite(output.lm_loss, self.iteration + 1, self.model,
+                     (lambda: next(self._batches(self.train_ds, self.consumed_samples, 1)))
+                     if self.layout.pp == 1 else None)
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.iteration += 1
