@@ -12,6 +12,7 @@ import torch
 
 from megatron_patch.distributed import BASELINE, Layout, parse_layout
 from megatron_patch.parallel_check.cases import Case, parse_case
+from megatron_patch.parallel_check.check import check_cases
 from megatron_patch.parallel_check.compare import Tolerance, compare, summarize
 from megatron_patch.parallel_check.runner import Result, make_global_batch, run_layout
 from megatron_patch.training.config import JobConfig
@@ -65,9 +66,13 @@ def strong_baseline() -> Result:
 
 
 def _assert_consistent(result: Result, baseline: Result) -> None:
-    diffs = compare(result, baseline, TOLERANCE)
-    # loss, 3 MoE losses, 3 routing statistics, every gradient, 2 coefficients
-    assert set(result.trackers) == set(TRACKERS) and set(result.routing) == set(ROUTING)
+    _assert_no_diffs(compare(result, baseline, TOLERANCE), baseline)
+
+
+def _assert_no_diffs(diffs: list, baseline: Result) -> None:
+    """``diffs`` (of ``compare``) cover the loss, 3 MoE losses, 3 routing statistics, every
+    gradient and 2 coefficients, and all pass (a key on one side only is a failing diff)."""
+    assert set(baseline.trackers) == set(TRACKERS) and set(baseline.routing) == set(ROUTING)
     assert len(diffs) == 1 + len(TRACKERS) + len(ROUTING) + len(baseline.grads) + 2
     failed = [d for d in diffs if not d.passed]
     assert not failed, "\n".join(map(str, failed))
@@ -92,25 +97,21 @@ def test_strong_specialization_losses_match_single_device(strong_baseline: Resul
     _assert_consistent(_run(parse_layout("tp2ep2etp1sp"), STRONG_LOSSES), strong_baseline)
 
 
-_FEATURE_BASELINES: dict = {}
-
-
 @pytest.mark.parametrize("spec", ["tp2sp+padding", "ep2+capacity", "pp2+padding+recompute"])
 def test_padding_capacity_and_recompute_with_pipeline_match_single_device(spec: str) -> None:
     """Padding masks (out of L_aux, L_o, L_v and the routing statistics; sequence-parallel
     scattered), capacity dropping, and MoE recompute under 1F1B (a micro-batch recomputed after
     later micro-batches' forwards, each with its own padding) give the single-device step's
-    values and gradients (the tool's default set runs the 4-process versions)."""
+    values and gradients, checked by the library behind tools/check_parallel_consistency.py (its
+    default set runs the 4-process versions)."""
     case = parse_case(spec)
-    samples = make_global_batch(8, MODEL["seq_length"], VOCAB, seed=0,
-                                padding="padding" in case.features)
-    job = case.job(STRONG_LOSSES)
-    if case.features not in _FEATURE_BASELINES:
-        _FEATURE_BASELINES[case.features] = _run(BASELINE, job, samples)
-    baseline = _FEATURE_BASELINES[case.features]
-    _assert_consistent(_run(case.layout, job, samples), baseline)
+    diffs, baselines = check_cases([case], STRONG_LOSSES, 8, VOCAB, backend="gloo",
+                                   tolerance=TOLERANCE, report=lambda line: None)
+    baseline = baselines[case.features]
+    _assert_no_diffs(diffs[str(case)], baseline)
     if "capacity" in case.features:
-        assert baseline.routing["load"].numel() and job.moe.moe_expert_capacity_factor == 1.0
+        assert baseline.routing["load"].numel() and \
+            case.job(STRONG_LOSSES).moe.moe_expert_capacity_factor == 1.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo CPU run; tests/test_gated_gram.py on CUDA")
