@@ -171,6 +171,11 @@ def test_parse_layout(spec: str, expected: Layout) -> None:
         ("tp0sp", ">= 1"),
         ("cp2", "cannot parse"),
         ("", "cannot parse"),
+        # Expert weights without EP are dense parameters in megatron-core: their gradients are
+        # reduced over the attention data-parallel group, wrong when etp != tp (measured with
+        # the checker before the rule: 92% relative error in expert gradients for tp2etp1sp).
+        ("tp2etp1sp", "without expert parallelism"),
+        ("etp2dp2", "without expert parallelism"),
     ],
 )
 def test_parse_layout_errors(spec: str, message: str) -> None:

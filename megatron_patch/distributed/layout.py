@@ -7,7 +7,8 @@ Megatron lays ranks out as two grids over the same world (context parallel is no
     expert part:           world = etp * ep * edp * pp   (so etp * ep * edp = tp * dp)
 
 so a layout is valid only if `etp * ep` divides `tp * dp`; the expert data-parallel size is
-`edp = tp * dp / (etp * ep)`.
+`edp = tp * dp / (etp * ep)`. Without expert parallelism (ep = 1) etp must equal tp: megatron-core
+then treats expert weights as dense parameters (reduced over the attention data-parallel group).
 
 Grammar: a concatenation of tokens, each at most once, in any order:
     tp<N>   tensor parallel size                      (default 1)
@@ -55,6 +56,13 @@ class Layout:
                 f"layout {self!r}: MoE training with tp > 1 requires sequence parallel: add sp "
                 "(--sequence-parallel)"
             )
+        if self.ep == 1 and self.etp != self.tp:
+            raise ValueError(
+                f"layout {self!r}: expert tensor parallel size {self.etp} differs from the tensor "
+                f"parallel size {self.tp} without expert parallelism: megatron-core reduces expert "
+                "gradients over the expert-data-parallel group only when ep > 1, so they would "
+                "miss (or double) the reduction across ranks (measured: 92% gradient error with "
+                "tp2etp1). Use etp = tp, or ep > 1")
         if (self.tp * self.dp) % (self.etp * self.ep) != 0:
             raise ValueError(
                 f"layout {self!r}: etp*ep = {self.etp * self.ep} (--expert-tensor-parallel-size x "
