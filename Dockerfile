@@ -15,9 +15,10 @@ WORKDIR /workspace/megatron_patch
 # requirements-torch*.txt: the image's own PyTorch build (with its CUDA, NCCL, triton and
 # Transformer Engine) satisfies every requirement on torch and is never replaced.
 COPY requirements.txt requirements-megatron-latest.txt requirements-deepspeed.txt \
-     pyproject.toml README.md ./
+     requirements-hf.txt pyproject.toml README.md ./
 COPY megatron_patch ./megatron_patch
 RUN python -m pip install --no-cache-dir -r requirements.txt -r requirements-megatron-latest.txt \
+        -r requirements-hf.txt \
     && python -m pip install --no-cache-dir --no-deps --no-build-isolation -r requirements-deepspeed.txt \
     && python -m pip install --no-cache-dir --no-deps -e .
 

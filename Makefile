@@ -15,11 +15,11 @@ STAMP_LATEST := $(VENV_LATEST)/.installed
 # requirements.txt and the latest megatron-core into NGC's PyTorch instead (keeping that PyTorch).
 # DeepSpeed (for megatron_patch.deepspeed) is an sdist built against the venv's torch, hence
 # --no-build-isolation; --no-deps keeps pip off its unpinned torch requirement.
-REQUIREMENTS := requirements.txt requirements-test.txt requirements-deepspeed.txt
+REQUIREMENTS := requirements.txt requirements-test.txt requirements-deepspeed.txt requirements-hf.txt
 $(STAMP): pyproject.toml $(REQUIREMENTS) requirements-torch.txt requirements-megatron.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-torch.txt
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-megatron.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-megatron.txt -r requirements-test.txt -r requirements-hf.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -r requirements-deepspeed.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
@@ -30,7 +30,7 @@ $(STAMP_LATEST): pyproject.toml $(REQUIREMENTS) requirements-torch-latest.txt re
 	@$(PYTHON_LATEST) -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null || { echo "error: Python 3.12 not found ($(PYTHON_LATEST)): install it (pyenv install 3.12) or pass PYTHON_LATEST=/path/to/python3.12" >&2; exit 2; }
 	test -x $(PY_LATEST) || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
 	$(PY_LATEST) -m pip install --quiet -r requirements-torch-latest.txt
-	$(PY_LATEST) -m pip install --quiet -r requirements.txt -r requirements-megatron-latest.txt -r requirements-test.txt
+	$(PY_LATEST) -m pip install --quiet -r requirements.txt -r requirements-megatron-latest.txt -r requirements-test.txt -r requirements-hf.txt
 	$(PY_LATEST) -m pip install --quiet --no-deps --no-build-isolation -r requirements-deepspeed.txt
 	$(PY_LATEST) -m pip install --quiet --no-deps -e .
 	touch $(STAMP_LATEST)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import inspect
 from typing import Any, Optional
 
@@ -177,6 +178,15 @@ def ensure_moe_metrics(names: list[str], num_layers: int,
 
 # 0.19+: dist_checkpointing keeps the common state inside the shard files, not in common.pt.
 COMMON_STATE_IN_SHARDS = "common_state" in inspect.getsource(_serialization.save)
+
+
+# --- multi-latent attention -------------------------------------------------------------------
+
+# 0.19+: MLA resolves its q/kv norms (mla_qk_norm_config); with qk_layernorm and uncompressed
+# queries (q_lora_rank None) it requires a norm fused into linear_q_proj, a norm DeepSeek-V2-Lite
+# does not have.
+MLA_REQUIRES_Q_NORM = importlib.util.find_spec(
+    "megatron.core.transformer.mla_qk_norm_config") is not None
 
 
 # --- data ------------------------------------------------------------------------------------------

@@ -50,6 +50,11 @@ Shims, and why:
 13. Megatron-LM's own training loop (`megatron.training`, used by `megatron_patch.megatron_lm`):
     `apply_megatron_training_patches()` gives its modules a `torch.cuda` of one device, the CPU,
     and skips its CUDA JIT warm-up (see that function).
+14. Multi-latent attention (DeepSeek-V2/V3 models imported by `megatron_patch.hf`): without
+    Transformer Engine, megatron-core's TE extension still imports, with mock objects for its
+    classes, so `multi_latent_attention.HAVE_TE` is True and `MLASelfAttention` calls
+    `isinstance(linear_proj, <mock TELinear>)`, which raises. `HAVE_TE` is set to whether
+    `TELinear` is a class.
 
 Not needed and not shimmed: context parallel, virtual pipeline, overlap_grad_reduce, persistent
 async checkpoint save. dist_checkpointing save additionally needs `psutil` installed and a
@@ -361,6 +366,9 @@ def apply_cpu_gloo_patches() -> None:
     mc_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _patch_wrapped_torch_norm()
     _patch_megatron_optimizer(cpu_torch)
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = isinstance(multi_latent_attention.TELinear, type)
     _APPLIED = True
 
 

@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", type=Path, required=True, help="corpus jsonl")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx")
-    parser.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    parser.add_argument("--tokenizer-model", required=True,
+                        help="sentencepiece .model file or Hugging Face tokenizer directory")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="tokenizer processes (default: all cores)")
     parser.add_argument("--split-by-domain", action="store_true",

@@ -127,7 +127,7 @@ def preprocess_jsonl(
     Args:
         input_path: corpus jsonl with ``text_key`` and (optionally) ``domain_key`` fields.
         output_prefix: path prefix of the combined dataset.
-        tokenizer_model: sentencepiece ``.model`` file.
+        tokenizer_model: sentencepiece ``.model`` file or Hugging Face tokenizer directory.
         workers: tokenizer processes; 1 tokenizes in this process.
         split_by_domain: also write one dataset per domain at :func:`domain_prefix`.
         only_split: keep only records whose ``split`` field equals this (``"train"``/``"valid"``).

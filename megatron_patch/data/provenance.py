@@ -25,9 +25,23 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# The files of a Hugging Face tokenizer directory that define its token ids.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                      "vocab.txt", "chat_template.jinja")
+
+
 def tokenizer_fingerprint(model_path: str) -> str:
-    """sha256 of the tokenizer model file (hex, first 16 digits)."""
-    return file_sha256(Path(model_path))[:16]
+    """sha256 of the tokenizer model file, or of a Hugging Face tokenizer directory's
+    ``HF_TOKENIZER_FILES`` (names and contents) (hex, first 16 digits)."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return file_sha256(path)[:16]
+    digest = hashlib.sha256()
+    for name in HF_TOKENIZER_FILES:
+        if (path / name).is_file():
+            digest.update(f"{name}:{file_sha256(path / name)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def write_provenance(prefix: str, model_path: str, fingerprint: Optional[str] = None) -> None:

@@ -1,4 +1,5 @@
-"""Sentencepiece tokenizer: training from a corpus jsonl, and loading through megatron-core.
+"""Sentencepiece tokenizer: training from a corpus jsonl, and loading (it, or a Hugging Face
+tokenizer directory) through megatron-core.
 
 The model is trained for exact round trips (identity normalization, whitespace kept, no dummy
 prefix, byte fallback), so code indentation and newlines survive and
@@ -106,15 +107,26 @@ def train_sentencepiece(
 
 
 def load_tokenizer(model_path: str | os.PathLike) -> MegatronTokenizerBase:
-    """Load a sentencepiece model as a megatron-core tokenizer (``vocab_size``, ``eod``,
-    ``tokenize``, ``detokenize``), the type ``GPTDatasetConfig`` expects.
+    """Load a sentencepiece model file, or a Hugging Face tokenizer directory (a post-trained
+    model's own, e.g. the ``--hf-load`` checkpoint), as a megatron-core tokenizer
+    (``vocab_size``, ``eod``, ``tokenize``, ``detokenize``), the type ``GPTDatasetConfig``
+    expects.
 
     Raises:
-        FileNotFoundError: the model file does not exist.
+        FileNotFoundError: no such model file, or a directory without a Hugging Face tokenizer.
     """
     from megatron.core.tokenizers import MegatronTokenizer
 
-    if not Path(model_path).is_file():
+    path = Path(model_path)
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            raise FileNotFoundError(
+                f"tokenizer directory {path} has no tokenizer.json or tokenizer_config.json; "
+                "give the directory of a Hugging Face tokenizer (save_pretrained) or a "
+                "sentencepiece .model file")
+        return MegatronTokenizer.from_pretrained(
+            str(path), metadata_path={"library": "huggingface"})
+    if not path.is_file():
         raise FileNotFoundError(
             f"tokenizer model not found: {model_path}; train one with "
             f"python tools/train_tokenizer.py --input <corpus.jsonl> --model-prefix <prefix>")

@@ -25,7 +25,6 @@ callables and post-wrap hooks, ``MoEMetricsTracker``); the orthogonal expert opt
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import importlib.util
 import os
@@ -33,12 +32,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from megatron_patch.compat import MEGATRON_CORE, UnsupportedMegatronError, is_moe_entry
+from megatron_patch.compat import MEGATRON_CORE, UnsupportedMegatronError
 from megatron_patch.flags import add_flags
 from megatron_patch.moe.calibration import reconcile_coefficients
 from megatron_patch.moe.config import SpecializationConfig, SpecializationConfigError
 from megatron_patch.moe.loss_config import LossConfig
-from megatron_patch.moe.specs import with_specialization
+from megatron_patch.moe.specs import specialize_layers
 
 try:
     from megatron.training import initialize as _initialize
@@ -102,15 +101,7 @@ def layer_spec(model_config: GPTModelConfig, vp_stage: Optional[int] = None) -> 
     """Megatron-LM's default GPT layer spec for ``model_config`` (local or Transformer Engine,
     dense and MoE layers as ``--moe-layer-freq`` says), each MoE layer with this package's
     router and MoE layer. Usable as ``GPTModelConfig.transformer_layer_spec``."""
-    def specialized(layer: Any) -> Any:
-        return with_specialization(layer) if is_moe_entry(layer.submodules.mlp) else layer
-
-    spec = default_layer_spec(model_config, vp_stage)
-    if not hasattr(spec, "layer_specs"):  # one TransformerLayer spec, not a block spec
-        return specialized(spec)
-    spec = copy.copy(spec)
-    spec.layer_specs = [specialized(layer) for layer in spec.layer_specs]
-    return spec
+    return specialize_layers(default_layer_spec(model_config, vp_stage))
 
 
 def install(model_config: GPTModelConfig) -> SpecializationMetricsTracker:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_patch.moe.loss_config import LossConfig, SpecializationConfigError
 
-__all__ = ["SpecializationConfig", "SpecializationConfigError"]
+__all__ = ["MLASpecializationConfig", "SpecializationConfig", "SpecializationConfigError"]
 
 
 @dataclass
@@ -94,3 +94,16 @@ class SpecializationConfig(TransformerConfig, LossConfig):
                 f"{self.cuda_graph_impl}): the dispatcher state L_o reads is not captured. "
                 "Use --cuda-graph-impl none."
             )
+
+
+@dataclass
+class MLASpecializationConfig(MLATransformerConfig, SpecializationConfig):
+    """MLATransformerConfig (multi-latent attention: DeepSeek-V2/V3, Moonlight) plus the loss
+    settings. MLATransformerConfig comes first: dataclass fields take the default of the last
+    base that declares them, and SpecializationConfig re-declares TransformerConfig's
+    ``multi_latent_attention=False`` (the other order builds standard attention, silently)."""
+
+    def __post_init__(self) -> None:
+        MLATransformerConfig.__post_init__(self)
+        LossConfig.__post_init__(self)
+        self.validate_specialization()

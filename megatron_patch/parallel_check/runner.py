@@ -14,10 +14,10 @@ the job's configuration, in megatron DDP (``training.model.wrap_ddp``), fed by
 2. The step, in ``layout``: the model is built and the reference checkpoint loaded into it
    (dist_checkpointing reshards: TP partitions, expert indices across EP, layer offsets across
    PP), then one training step runs over the global batch.
-3. Full gradients. Each ``param.main_grad`` is copied into its parameter and the model's sharded
-   state dict saved, then loaded back in the single-device layout: this undoes every partitioning
-   with megatron's own sharding metadata and yields full gradients keyed by the one-process
-   model's parameter names.
+3. Full gradients. Each ``param.main_grad`` (0 for a frozen parameter) is copied into its
+   parameter and the model's sharded state dict saved, then loaded back in the single-device
+   layout: this undoes every partitioning with megatron's own sharding metadata and yields full
+   gradients keyed by the one-process model's parameter names.
 
 The global batch [G, s] is the trainer's sample stream of one step (micro-batch m of DP rank r is
 block m * dp + r), so every layout sees the same micro-batches, and the single-device layout runs
@@ -179,7 +179,8 @@ def _train_step(job: JobConfig, layout: Layout, samples: list, vocab_size: int,
                               shape, pg_collection, statistics.attach(chunks))
     with torch.no_grad():
         for param in model.parameters():
-            param.copy_(param.main_grad)
+            # Frozen parameters (LoRA runs) have no gradient: 0 in every layout.
+            param.copy_(param.main_grad if param.requires_grad else torch.zeros_like(param))
     _save_model(model, grads_dir)
     routing = {name: value.cpu() for name, value in output.routing.items()}
     return Result(layout, output.lm_loss, output.moe_losses, routing, {}, coefficients)

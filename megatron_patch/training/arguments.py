@@ -70,7 +70,8 @@ def yaml_values(path: str) -> dict[str, Any]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> JobConfig:
-    """Flags (and the YAML ``--config`` file) -> the job's configuration.
+    """Flags (and the YAML ``--config`` file) -> the job's configuration; with ``--hf-load``, its
+    architecture flags follow the Hugging Face checkpoint (``megatron_patch.hf.job``).
 
     Raises:
         ConfigError: bad input, naming the flag or key and the fix.
@@ -79,4 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> JobConfig:
     values = yaml_values(namespace.config) if namespace.config else {}
     values.update((key, value) for key, value in vars(namespace).items()
                   if value is not None and key != "config")
+    if values.get("hf_load") is not None:
+        from megatron_patch.hf.job import apply_hf_checkpoint
+
+        values = apply_hf_checkpoint(values)
     return JobConfig.from_flat(values)

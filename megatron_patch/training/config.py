@@ -10,7 +10,8 @@ place, stored in every checkpoint.
       optimizer              OptimizerConfig             AdamW, LR schedule, clipping
       training               TrainingConfig              batch sizes, iterations, recompute, eval
       data                   DataConfig                  datasets, tokenizer
-      checkpoint             CheckpointConfig            save/load, fine-tuning
+      checkpoint             CheckpointConfig            save/load, fine-tuning, Hugging Face
+      lora                   LoRAConfig                  LoRA post-training (training/lora.py)
       logging                LoggingConfig               console, TensorBoard, wandb
 
 Every field is one Megatron-style flag (``megatron_patch.flags``). Checks: each section checks its
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from megatron_patch.distributed.layout import Layout
@@ -30,6 +32,7 @@ from megatron_patch.distributed.world import BACKENDS
 from megatron_patch.flags import ConfigError, dest, flag_fields, from_namespace, option
 from megatron_patch.moe.loss_config import LossConfig
 from megatron_patch.optimizer.orthogonal import OrthogonalOptimizerConfig
+from megatron_patch.training.lora import LoRAConfig
 
 
 def _at_least(minimum: int, **values: int) -> None:
@@ -209,7 +212,9 @@ class DataConfig:
     split: str = option("98,2,0", "train,valid,test document proportions of --data-path")
     valid_data_path: Optional[list[str]] = option(
         None, "separate validation prefixes (then --data-path is all training data)")
-    tokenizer_model: Optional[str] = option(None, "sentencepiece .model file")
+    tokenizer_model: Optional[str] = option(
+        None, "sentencepiece .model file or Hugging Face tokenizer directory (default with "
+        "--hf-load: the checkpoint's)")
     data_cache_path: Optional[str] = option(None, "where dataset indices are cached")
 
 
@@ -228,10 +233,24 @@ class CheckpointConfig:
     no_checkpoint_fallback: bool = option(
         False, "stop when the newest checkpoint of --load is damaged, instead of loading the "
         "newest intact one (with a warning)")
+    hf_load: Optional[str] = option(
+        None, "post-train a Hugging Face MoE checkpoint (directory): its weights, architecture, "
+        "router settings and tokenizer; iteration 0, fresh optimizer (needs the [hf] extra)")
+    hf_export: Optional[str] = option(
+        None, "with --hf-load: write the trained model as a Hugging Face checkpoint to this new "
+        "directory at the end (tools/export_hf.py does it from any saved checkpoint)")
 
     def __post_init__(self) -> None:
         if self.finetune and self.load is None:
             raise ConfigError("--finetune needs --load: the checkpoint whose weights to start from")
+        if self.hf_load and self.load:
+            raise ConfigError(
+                "--hf-load and --load both name the weights to start from: give --hf-load to "
+                "post-train a Hugging Face checkpoint (an interrupted run resumes from --save), "
+                "or --load to resume/fine-tune a checkpoint of this project")
+        if self.hf_export and not self.hf_load:
+            raise ConfigError("--hf-export needs --hf-load: the exported checkpoint takes the "
+                              "architecture, config and tokenizer of the imported one")
         if self.load is None and self.save is None and self.save_interval:
             raise ConfigError("--save-interval needs --save DIR")
 
@@ -264,6 +283,7 @@ SECTIONS: tuple[tuple[str, type, str], ...] = (
     ("training", TrainingConfig, "training"),
     ("data", DataConfig, "data"),
     ("checkpoint", CheckpointConfig, "checkpointing"),
+    ("lora", LoRAConfig, "LoRA post-training"),
     ("logging", LoggingConfig, "logging"),
 )
 
@@ -282,6 +302,7 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
@@ -305,6 +326,24 @@ class JobConfig:
         if model.num_attention_heads % tp != 0:
             raise ConfigError(
                 "--num-attention-heads must be divisible by --tensor-model-parallel-size")
+        if self.lora.enabled and self.checkpoint.load:
+            raise ConfigError(
+                "--lora-rank with --load: adapters start with --hf-load (an interrupted LoRA run "
+                "resumes from its --save); fine-tuning a checkpoint of this project with LoRA is "
+                "not supported")
+        if (self.lora.enabled and "experts" in self.lora.lora_targets
+                and parallel.expert_tensor_parallel_size > 1):
+            raise ConfigError(
+                "--lora-targets experts needs --expert-tensor-parallel-size 1 (adapters on "
+                "expert-tensor-parallel shards are not supported): set it (with "
+                "--expert-model-parallel-size > 1 under tensor parallelism), or drop experts "
+                "from --lora-targets")
+        if self.lora.enabled and self.orthogonal_optimizer.enabled:
+            raise ConfigError("the orthogonal expert optimizer projects full expert-weight "
+                              "updates; with --lora-rank the experts are frozen: drop one")
+        if self.checkpoint.hf_load and moe.moe_identical_expert_init:
+            raise ConfigError("--moe-identical-expert-init initializes experts; with --hf-load "
+                              "they come from the checkpoint: drop it")
         calibration_iters = self.losses.moe_loss_calibration_iters
         if calibration_iters and not calibration_iters < training.train_iters:
             raise ConfigError(
@@ -343,8 +382,13 @@ class JobConfig:
                 "the built-in corpus into data/corpus_train, tools/preprocess_data.py converts "
                 "your jsonl")
         if self.data.tokenizer_model is None:
-            raise ConfigError("--tokenizer-model is required: the sentencepiece model the data "
-                              "was tokenized with (data/tokenizer.model for the built-in corpus)")
+            raise ConfigError("--tokenizer-model is required: the tokenizer the data was "
+                              "tokenized with (data/tokenizer.model for the built-in corpus)")
+        export = self.checkpoint.hf_export
+        if export and Path(export).exists() and (
+                not Path(export).is_dir() or any(Path(export).iterdir())):
+            raise ConfigError(f"--hf-export {export} exists and is not an empty directory; "
+                              "export into a new directory (nothing there is overwritten)")
         self.check_model()
         return layout
 
@@ -356,11 +400,11 @@ class JobConfig:
             ConfigError (or megatron-core's ValueError/AssertionError): naming the setting.
         """
         from megatron_patch.moe.gated_gram import triton_kernel_problem
-        from megatron_patch.training.model import transformer_config
+        from megatron_patch.training.model import job_transformer_config
 
         if self.losses.moe_ortho_loss_kernel == "triton" and (problem := triton_kernel_problem()):
             raise ConfigError(problem)
-        transformer_config(self)
+        job_transformer_config(self)
 
     # --- flat form: flag destination -> value -------------------------------------------------
 

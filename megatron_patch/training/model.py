@@ -12,10 +12,13 @@ from megatron.core.distributed import (
 )
 from megatron.core.models.gpt import GPTModel
 
+from megatron_patch.flags import ConfigError
 from megatron_patch.moe.config import SpecializationConfig
 from megatron_patch.moe.experts import sequential_experts
 from megatron_patch.moe.specs import get_gpt_layer_spec
 from megatron_patch.training.config import JobConfig
+from megatron_patch.training.lora import apply_lora
+from megatron_patch.training.param_names import global_parameter_names
 
 
 def transformer_engine_available() -> bool:
@@ -29,19 +32,35 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def transformer_config(job: JobConfig) -> SpecializationConfig:
-    """SpecializationConfig (a TransformerConfig) of the job's model, MoE, losses and parallel
-    sections; megatron-core's and the losses' checks run here."""
-    model, moe, parallel, training = job.model, job.moe, job.parallel, job.training
-    dtype = torch.bfloat16 if model.bf16 else torch.float32
-    recompute = {}
+def runtime_kwargs(job: JobConfig) -> dict:
+    """TransformerConfig fields that are the job's runtime choices, whatever the architecture:
+    dtype, parallel sizes, activation recompute."""
+    parallel, training = job.parallel, job.training
+    dtype = torch.bfloat16 if job.model.bf16 else torch.float32
+    kwargs = dict(
+        bf16=job.model.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+    )
     if training.recompute_granularity is not None:
-        recompute = dict(
+        kwargs.update(
             recompute_granularity=training.recompute_granularity,
             recompute_method=training.recompute_method,
             recompute_num_layers=training.recompute_num_layers,
             recompute_modules=training.recompute_modules,
         )
+    return kwargs
+
+
+def transformer_config(job: JobConfig) -> SpecializationConfig:
+    """SpecializationConfig (a TransformerConfig) of the job's model, MoE, losses and parallel
+    sections; megatron-core's and the losses' checks run here."""
+    model, moe = job.model, job.moe
     return SpecializationConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -55,14 +74,6 @@ def transformer_config(job: JobConfig) -> SpecializationConfig:
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         add_bias_linear=False,
-        bf16=model.bf16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
-        sequence_parallel=parallel.sequence_parallel,
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.moe_router_topk,
         moe_ffn_hidden_size=moe.moe_ffn_hidden_size,
@@ -79,20 +90,44 @@ def transformer_config(job: JobConfig) -> SpecializationConfig:
         moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
         moe_grouped_gemm=moe.moe_grouped_gemm,
         moe_permute_fusion=moe.moe_permute_fusion,
-        **recompute,
+        **runtime_kwargs(job),
         **job.losses.transformer_config_kwargs(),
     )
 
 
+def job_transformer_config(job: JobConfig) -> SpecializationConfig:
+    """The job's model configuration: ``transformer_config``, or with ``--hf-load`` the
+    imported checkpoint's (``megatron_patch.hf``)."""
+    if job.checkpoint.hf_load is None:
+        return transformer_config(job)
+    from megatron_patch.hf import hf_transformer_config, read_checkpoint
+
+    return hf_transformer_config(read_checkpoint(job.checkpoint.hf_load), job)
+
+
 def build_gpt_model(job: JobConfig, vocab_size: int) -> GPTModel:
     """This rank's pipeline stage of the job's GPT-MoE (megatron's parallel state must be
-    initialized for the job's layout), on this rank's device.
+    initialized for the job's layout), on this rank's device. With ``--hf-load``: the imported
+    checkpoint's model with its weights (``megatron_patch.hf``).
 
     Args:
         job: the job's configuration.
         vocab_size: tokenizer vocabulary size (padded by nothing: the demo vocabularies are
-            multiples of 128 and the embedding is vocab-parallel).
+            multiples of 128 and the embedding is vocab-parallel); with ``--hf-load`` the
+            checkpoint's embedding size is used, which holds the tokenizer's.
     """
+    if job.checkpoint.hf_load is not None:
+        from megatron_patch.hf import build_hf_gpt_model, load_hf_weights, read_checkpoint
+
+        checkpoint = read_checkpoint(job.checkpoint.hf_load)
+        if vocab_size > checkpoint.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {vocab_size} tokens, the embedding of --hf-load "
+                f"{checkpoint.path} holds {checkpoint.vocab_size}: use the checkpoint's own "
+                "tokenizer (the default) or one that fits it")
+        model = build_hf_gpt_model(checkpoint, job)
+        load_hf_weights(model, checkpoint)
+        return with_lora(model, job)
     config = transformer_config(job)
     spec = get_gpt_layer_spec(
         job.moe.num_experts,
@@ -114,6 +149,13 @@ def build_gpt_model(job: JobConfig, vocab_size: int) -> GPTModel:
         model.cuda(torch.cuda.current_device())
     if job.moe.moe_identical_expert_init:
         init_identical_experts(model)
+    return with_lora(model, job)
+
+
+def with_lora(model: GPTModel, job: JobConfig) -> GPTModel:
+    """``model`` with LoRA adapters (``training.lora``) when ``--lora-rank`` is set."""
+    if job.lora.enabled:
+        apply_lora(model, job.lora, job.training.seed, global_parameter_names(model))
     return model
 
 

@@ -49,6 +49,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"final valid loss: {summary['valid_loss']:.4f}")
     if summary["checkpoint"]:
         lines.append(f"checkpoint      : {summary['checkpoint']}")
+    if summary.get("hf_export"):
+        lines.append(f"hugging face    : {summary['hf_export']}")
     if summary["tensorboard_dir"]:
         lines.append(f"tensorboard     : {tensorboard_command(summary['tensorboard_dir'])}")
     return "\n".join(lines)

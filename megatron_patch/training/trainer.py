@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.data.datasets import build_train_valid_datasets, parse_data_path
+from megatron_patch.data.instructions import build_instruction_datasets, is_instruction_dataset
 from megatron_patch.data.provenance import check_provenance, tokenizer_fingerprint
 from megatron_patch.data.tokenizer import load_tokenizer
 from megatron_patch.distributed import (
@@ -46,6 +47,7 @@ from megatron_patch.training.checkpoint_files import (
 from megatron_patch.training.checkpointing import load_checkpoint, model_signature, save_checkpoint
 from megatron_patch.training.config import JobConfig
 from megatron_patch.training.logger import MetricsLogger
+from megatron_patch.training.lora import adapter_parameters
 from megatron_patch.training.model import build_model
 from megatron_patch.training.optimizer import build_optimizer
 from megatron_patch.training.step import (
@@ -132,6 +134,13 @@ class Trainer:
         self.messages += check_provenance(self._data_prefixes(), job.data.tokenizer_model,
                                           fingerprint)
         self.model = build_model(job, self.tokenizer.vocab_size)
+        if job.lora.enabled:
+            total = sum(p.numel() for p in self.model[0].parameters())
+            trainable = adapter_parameters(self.model[0])
+            self.messages.append(
+                f"LoRA rank {job.lora.lora_rank} on {', '.join(job.lora.lora_targets)}: "
+                f"{trainable} of {total} parameters of this rank train "
+                f"({100 * trainable / total:.2f}%)")
         self.config = unwrap(self.model[0]).config
         self.optimizer, self.scheduler = build_optimizer(job, self.model)
         if job.orthogonal_optimizer.enabled:
@@ -154,16 +163,20 @@ class Trainer:
         return micro_batches(dataset, first_sample, shape, self.pg_collection, self.device)
 
     def resume(self) -> list[str]:
-        """Load ``--load`` (or, for an interrupted fine-tuning job, its own ``--save``); make the
-        loss coefficients follow this run's flags. Returns what to tell the user."""
+        """Load ``--load`` (or, for an interrupted fine-tuning or ``--hf-load`` job, its own
+        ``--save``); make the loss coefficients follow this run's flags. Returns what to tell the
+        user. A ``--hf-load`` job starts from the weights the model was built with."""
         checkpoint = self.job.checkpoint
         messages = []
         load_dir, finetune = checkpoint.load, checkpoint.finetune
-        if finetune and checkpoint.save and latest_iteration(checkpoint.save) is not None:
-            # A fine-tuning job that was interrupted: continue it rather than start it again.
+        starts_fresh = "--finetune" if finetune else "--hf-load" if checkpoint.hf_load else None
+        if starts_fresh and checkpoint.save and latest_iteration(checkpoint.save) is not None:
+            # A fine-tuning or post-training job that was interrupted: continue it rather than
+            # start it again from the weights it started from.
             load_dir, finetune = checkpoint.save, False
-            messages.append(f"--finetune: --save {checkpoint.save} already holds this run's "
-                            "checkpoints; resuming them instead of starting again from --load")
+            messages.append(f"{starts_fresh}: --save {checkpoint.save} already holds this run's "
+                            "checkpoints; resuming them instead of starting again from "
+                            f"{'--load' if starts_fresh == '--finetune' else '--hf-load'}")
         if load_dir:
             restored = load_checkpoint(load_dir, self.model, self.optimizer, self.scheduler,
                                        signature=self.signature, finetune=finetune,
@@ -189,8 +202,16 @@ class Trainer:
         return prefixes
 
     def build_datasets(self) -> None:
-        """The training and validation samples of the whole run (``job.data``)."""
+        """The training and validation samples of the whole run (``job.data``): text
+        (megatron's GPT datasets) or instruction data (``data.instructions``)."""
         job = self.job
+        if is_instruction_dataset(parse_data_path(job.data.data_path)[0][0]):
+            self.train_ds, self.valid_ds = build_instruction_datasets(
+                job.data.data_path, job.data.split, job.model.seq_length, job.training.seed,
+                train_samples=job.training.train_iters * job.training.global_batch_size,
+                valid_samples=max(job.training.eval_iters, 1) * job.training.global_batch_size,
+                tokenizer=self.tokenizer, valid_data_path=job.data.valid_data_path)
+            return
         self.train_ds, self.valid_ds = build_train_valid_datasets(
             job.data.data_path, job.data.split, job.model.seq_length, job.training.seed,
             train_samples=job.training.train_iters * job.training.global_batch_size,
@@ -324,8 +345,21 @@ class Trainer:
                 logger.message(f"stopping after iteration {self.iteration} (exit signal or "
                                "--exit-interval)")
                 break
+        exported = None
+        if checkpoint.hf_export and self.iteration >= training.train_iters:
+            exported = self.export_hf()
+            logger.message(f"exported the model as a Hugging Face checkpoint to {exported}")
         logger.close()
-        return self._summary(start, loss, valid_loss, last_save)
+        summary = self._summary(start, loss, valid_loss, last_save)
+        return {**summary, "hf_export": str(exported)} if exported else summary
+
+    def export_hf(self) -> Path:
+        """Write the model as a Hugging Face checkpoint to ``--hf-export`` (collective)."""
+        from megatron_patch.hf import export_hf_weights, read_checkpoint
+
+        checkpoint = self.job.checkpoint
+        return export_hf_weights(unwrap(self.model[0]), read_checkpoint(checkpoint.hf_load),
+                                 checkpoint.hf_export)
 
     def _summary(self, start: int, loss: Optional[float], valid_loss: Optional[float],
                  last_save: Optional[Path]) -> dict:
