@@ -9,7 +9,7 @@ VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 STAMP_LATEST := $(VENV_LATEST)/.installed
 
-.PHONY: install install-latest test test-latest demo demo-megatron-lm data check-parallel clean gpu-wheels tensorboard
+.PHONY: install install-latest test test-all test-latest demo demo-megatron-lm data check-parallel clean gpu-wheels tensorboard
 
 # Default stack: Python 3.11, PyTorch's CPU wheel, megatron-core 0.16.1. The Dockerfile installs
 # requirements.txt and the latest megatron-core into NGC's PyTorch instead (keeping that PyTorch).
@@ -41,11 +41,16 @@ install-latest: $(STAMP_LATEST)
 
 # Tests run in TEST_WORKERS pytest processes (pytest-xdist); most of them start their own
 # processes, whose imports and rendezvous leave cores idle.
+# `make test` leaves out the tests marked slow (long end-to-end runs, extra layout cases; under
+# 10 minutes on 2 cores); `make test-all` and `make test-latest` run every test (CI runs both).
 TEST_WORKERS ?= 2
 test: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
-# The whole suite on the latest stack (CI runs both).
+# The whole suite on the latest stack.
 test-latest: $(STAMP_LATEST)
 	$(PY_LATEST) -m pytest -q -n $(TEST_WORKERS) tests
 

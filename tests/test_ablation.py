@@ -83,6 +83,7 @@ def test_report_statistics_on_hand_made_runs(tmp_path):
     assert "`--moe-ortho-loss-coeff 0.1 --moe-var-loss-coeff 0`" in text
 
 
+@pytest.mark.slow
 def test_smoke_ablation_end_to_end(tiny_data, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "report"

@@ -236,6 +236,7 @@ def test_tool_end_to_end_on_a_trained_checkpoint(tiny_data, tmp_path):
     assert again["layers"][0]["domain_expert_counts"] == result["layers"][0]["domain_expert_counts"]
 
 
+@pytest.mark.slow
 def test_identical_expert_init_under_expert_parallelism(tiny_data, tmp_path):
     """--moe-identical-expert-init with EP=2: all four experts (two per rank) equal expert 0."""
     save = tmp_path / "ckpt"

@@ -167,6 +167,7 @@ def _blend(work):
             "0.4", domain_prefix(work.prefix, "python_docs")]
 
 
+@pytest.mark.slow
 def test_blend_of_two_prefixes_without_distributed(work):
     """Built in a fresh process: without torch.distributed (another test module of this pytest
     process may have initialized it)."""

@@ -194,6 +194,7 @@ def test_example_reports_missing_dataset(tmp_path: Path) -> None:
         load_token_stream(str(tmp_path / "nothing"))
 
 
+@pytest.mark.slow
 def test_example_trains_with_expert_parallelism(tiny_data, tmp_path: Path) -> None:
     """2 processes, EP=2, ZeRO stage 2, through the deepspeed launcher: the LM loss goes down."""
     metrics = tmp_path / "metrics.jsonl"

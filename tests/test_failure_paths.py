@@ -84,6 +84,7 @@ def test_preemption_signal_to_the_launchers_group_saves_once_and_exits_0(tiny_da
     assert f"iterations      : {stopped + 2}" in out
 
 
+@pytest.mark.slow
 def test_workers_save_and_exit_when_their_launcher_is_killed(tiny_data, tmp_path, preset):
     """kill -9 of the launcher: its workers get SIGTERM (parent-death signal), save after their
     step and exit instead of training on as orphans."""

@@ -15,7 +15,7 @@ import torch
 
 from megatron_patch.hf.check import compare_export
 from megatron_patch.hf.tiny import save_tiny_model, save_tiny_tokenizer
-from training_helpers import REPO, clean_env, pretrain
+from training_helpers import REPO, TINY, clean_env, pretrain
 
 POSTTRAIN = [
     "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -104,24 +104,36 @@ def test_posttraining_resumes_and_exports_a_model_transformers_generates_from(ti
 
 
 def test_posttraining_bad_input_stops_before_any_work(tiny_hf, tmp_path):
+    """Refused while the flags are read and checked (in process: ``parse_args`` and
+    ``validate``, what the trainer runs first), or, for the tokenizer, by the trainer under its
+    exit status 2."""
+    from megatron_patch.flags import ConfigError
+    from megatron_patch.training.arguments import parse_args
+
     data = ["--data-path", tiny_hf.train, "--valid-data-path", tiny_hf.valid]
-    contradiction = pretrain(["--hf-load", str(tiny_hf.model), *data, "--num-experts", "8",
-                              "--moe-router-topk", "2", *POSTTRAIN], check=False)
-    assert contradiction.returncode == 2
-    assert "--num-experts 8 (the checkpoint has 4)" in contradiction.stderr
-    assert "--moe-router-topk" not in contradiction.stderr  # agrees with the checkpoint
+    with pytest.raises(ConfigError) as contradiction:
+        parse_args(["--hf-load", str(tiny_hf.model), *data, "--num-experts", "8",
+                    "--moe-router-topk", "2", *POSTTRAIN])
+    assert "--num-experts 8 (the checkpoint has 4)" in str(contradiction.value)
+    assert "--moe-router-topk" not in str(contradiction.value)  # agrees with the checkpoint
 
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("earlier export")
-    refused = pretrain(["--hf-load", str(tiny_hf.model), *data, "--hf-export", str(occupied),
-                        *POSTTRAIN], check=False)
-    assert refused.returncode == 2 and "is not an empty directory" in refused.stderr
+    job = parse_args(["--hf-load", str(tiny_hf.model), *data, "--hf-export", str(occupied),
+                      *POSTTRAIN])
+    with pytest.raises(ConfigError, match="is not an empty directory"):
+        job.validate(1)
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
 
-    both = pretrain(["--hf-load", str(tiny_hf.model), "--load", str(tmp_path), *data,
-                     *POSTTRAIN], check=False)
-    assert both.returncode == 2 and "--hf-load and --load" in both.stderr
+    with pytest.raises(ConfigError, match="--hf-load and --load"):
+        parse_args(["--hf-load", str(tiny_hf.model), "--load", str(tmp_path), *data, *POSTTRAIN])
+
+    unsupported = tmp_path / "deepseek_moe"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "deepseek"}))
+    with pytest.raises(ConfigError, match="'deepseek' is not supported"):
+        parse_args(["--hf-load", str(unsupported), *data, *POSTTRAIN])
 
     no_tokenizer = tmp_path / "weights_only"
     no_tokenizer.mkdir()
@@ -129,12 +141,6 @@ def test_posttraining_bad_input_stops_before_any_work(tiny_hf, tmp_path):
         shutil.copy(tiny_hf.model / name, no_tokenizer / name)
     missing = pretrain(["--hf-load", str(no_tokenizer), *data, *POSTTRAIN], check=False)
     assert missing.returncode == 2 and "has no tokenizer.json" in missing.stderr
-
-    unsupported = tmp_path / "deepseek_moe"
-    unsupported.mkdir()
-    (unsupported / "config.json").write_text(json.dumps({"model_type": "deepseek"}))
-    refused = pretrain(["--hf-load", str(unsupported), *data, *POSTTRAIN], check=False)
-    assert refused.returncode == 2 and "'deepseek' is not supported" in refused.stderr
 
 
 def test_posttraining_on_instruction_data(tiny_hf, tmp_path):
@@ -182,3 +188,29 @@ def test_lora_posttraining_changes_exactly_the_adapted_weights(tiny_hf, tmp_path
     expected = {name for name in source.weight_files if name.split(".")[-2] in adapted}
     assert changed == expected
     _assert_generates(export)
+
+
+def test_model_pretrained_here_exports_as_mixtral_with_its_logits(tiny_hf, tmp_path):
+    """A GPT-MoE pretrained by this project's trainer (SwiGLU, RMSNorm, RoPE, tied embeddings,
+    an HF tokenizer) exports as a Mixtral whose transformers logits equal the checkpoint's
+    (``--check``); transformers generates from it; a model Mixtral cannot express is refused
+    with every reason named."""
+    from megatron_patch.hf.native import mixtral_refusals
+    from megatron_patch.training.config import JobConfig
+
+    save, export = tmp_path / "native", tmp_path / "hf"
+    pretrain([*TINY, "--swiglu", "--train-iters", "3", "--data-path", tiny_hf.train,
+              "--valid-data-path", tiny_hf.valid, "--tokenizer-model", str(tiny_hf.model),
+              "--save", str(save)])
+    tool = subprocess.run([sys.executable, "tools/export_hf.py", "--load", str(save),
+                           "--hf-export", str(export), "--check"], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert tool.returncode == 0, tool.stdout[-2000:] + tool.stderr[-3000:]
+    assert "ok (tolerance 0.0001)" in tool.stdout
+    assert json.loads((export / "config.json").read_text())["model_type"] == "mixtral"
+    _assert_generates(export)
+
+    refused = mixtral_refusals(JobConfig.from_flat({"normalization": "LayerNorm",
+                                                    "tokenizer_model": "data/tokenizer.model"}))
+    assert len(refused) == 3 and "--normalization LayerNorm" in refused[1]
+    assert "not a Hugging Face tokenizer directory" in refused[0] and "--swiglu" in refused[2]

@@ -62,7 +62,7 @@ def test_adapted_layer_is_its_merged_weight_and_only_adapters_train(tmp_path, tr
     assert len(routers) == (2 if train_router else 0)
 
 
-@pytest.mark.parametrize("spec", ["tp2ep2etp1sp", "pp2"])
+@pytest.mark.parametrize("spec", ["tp2ep2etp1sp", pytest.param("pp2", marks=pytest.mark.slow)])
 def test_adapter_gradients_match_single_device(spec):
     """TP with SP (column- and row-parallel adapters), EP (expert adapters), PP; B non-zero."""
     case = parse_case(spec)

@@ -83,6 +83,7 @@ def _stand_in_wheel(directory: Path, name: str, version: str) -> Path:
     return wheel
 
 
+@pytest.mark.slow
 def test_installing_the_package_keeps_the_images_torch_and_megatron_core(tmp_path):
     """pip resolving this package in an environment that has (stand-ins for) PyTorch 2.14.1 and
     megatron-core 0.19.2, as a user's NGC image has its own builds: neither is replaced, no other

@@ -97,7 +97,9 @@ def test_strong_specialization_losses_match_single_device(strong_baseline: Resul
     _assert_consistent(_run(parse_layout("tp2ep2etp1sp"), STRONG_LOSSES), strong_baseline)
 
 
-@pytest.mark.parametrize("spec", ["tp2sp+padding", "ep2+capacity", "pp2+padding+recompute"])
+@pytest.mark.parametrize("spec", [pytest.param("tp2sp+padding", marks=pytest.mark.slow),
+                                  pytest.param("ep2+capacity", marks=pytest.mark.slow),
+                                  "pp2+padding+recompute"])
 def test_padding_capacity_and_recompute_with_pipeline_match_single_device(spec: str) -> None:
     """Padding masks (out of L_aux, L_o, L_v and the routing statistics; sequence-parallel
     scattered), capacity dropping, and MoE recompute under 1F1B (a micro-batch recomputed after
@@ -114,6 +116,7 @@ def test_padding_capacity_and_recompute_with_pipeline_match_single_device(spec: 
             case.job(STRONG_LOSSES).moe.moe_expert_capacity_factor == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo CPU run; tests/test_gated_gram.py on CUDA")
 def test_fused_kernel_and_normalized_lo_under_tp_ep_sp_match_single_device() -> None:
     """The fused gates + Gram kernel (Triton's interpreter on CPU) computing the scale-free L_o

@@ -161,6 +161,7 @@ def test_job_config_round_trips_through_its_stored_forms():
     assert job.replace(training={"micro_batch_size": 2}).training.micro_batch_size == 2
 
 
+@pytest.mark.slow
 def test_tensorboard_and_offline_wandb_logs(tiny_data, tmp_path):
     pretrain(TINY + data_flags(tiny_data) + [
         "--train-iters", "2", "--tensorboard-dir", str(tmp_path / "tb"),
@@ -188,6 +189,7 @@ def test_orthogonal_optimizer_trains_and_resumes_mid_phase(tiny_data, tmp_path):
     assert train_losses(tmp_path / "resumed") == full
 
 
+@pytest.mark.slow
 def test_orthogonal_optimizer_on_representations_resumes_mid_window(tiny_data, tmp_path):
     """The recorded representation moments are checkpointed: a run stopped inside a recording
     window (after its first of two steps) resumes identically."""

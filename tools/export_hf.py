@@ -1,10 +1,14 @@
-"""Export a checkpoint of a post-training run (``--hf-load``) as a Hugging Face checkpoint.
+"""Export a saved checkpoint as a Hugging Face checkpoint.
 
     python tools/export_hf.py --load runs/posttrain/checkpoints --hf-export runs/posttrain/hf
+    python tools/export_hf.py --load runs/base/checkpoints --hf-export runs/base/hf --check
 
-Runs in one process whatever layout wrote the checkpoint; the export has the architecture,
-config and tokenizer files of the run's ``--hf-load`` checkpoint and the trained weights.
-Exit status 2 on bad input (named in the message).
+Runs in one process whatever layout wrote the checkpoint. A post-training run (``--hf-load``)
+exports with the architecture, config and tokenizer files of its source checkpoint; a model
+pretrained here exports as a Mixtral with the run's Hugging Face tokenizer (refused, naming the
+flag, when it has no Mixtral form). ``--check`` then compares the checkpoint's logits with
+transformers' logits of the export (exit 1 beyond --tolerance). Exit status 2 on bad input
+(named in the message).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from megatron_patch.analysis.loading import AnalysisError  # noqa: E402
 from megatron_patch.distributed import shutdown  # noqa: E402
 from megatron_patch.flags import ConfigError  # noqa: E402
+from megatron_patch.hf.check import check_export  # noqa: E402
 from megatron_patch.hf.export import export_saved_checkpoint  # noqa: E402
 
 
@@ -27,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="--save directory of the run (its newest checkpoint) or an iter_* "
                              "directory")
     parser.add_argument("--hf-export", required=True, help="new directory for the export")
+    parser.add_argument("--check", action="store_true",
+                        help="compare the checkpoint's logits with transformers' of the export")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="max |logit difference| of --check (float32)")
     args = parser.parse_args(argv)
     try:
         path = export_saved_checkpoint(args.load, args.hf_export)
@@ -36,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutdown()
     print(f"exported to {path}")
-    return 0
+    if not args.check:
+        return 0
+    difference, scale = check_export(args.load, path)
+    passed = difference <= args.tolerance
+    print(f"max |logit difference| checkpoint vs transformers: {difference:.3e} (logits up to "
+          f"{scale:.3g}): {'ok' if passed else 'MISMATCH'} (tolerance {args.tolerance:g})")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 layout, gives transformers' logits for the same token ids, and exports back to the same tensors.
 
     reference_logits(path, tokens)       transformers' float32 forward (eager attention)
-    run_import(path, layouts, tokens, d) in the layouts' world size of processes, each layout in
-                                         turn: build the model with this project's spec, load the
-                                         checkpoint, forward the tokens (pipeline schedule,
-                                         forward only), gather the logits, export
+    run_import(jobs, layouts, d)         in the layouts' world size of processes, each checkpoint
+                                         and layout in turn: build the model with this project's
+                                         spec, load the checkpoint, forward the tokens (pipeline
+                                         schedule, forward only), gather the logits, export
     compare_export(source, exported)     max |difference| per tensor, missing and extra names
-    check_import(path, layouts)          all of it -> one ``ImportResult`` per layout
+    check_imports(paths, layouts)        all of it -> one ``ImportResult`` per path and layout
+    check_import(path, layouts)          the same for one checkpoint
+    check_export(load, exported)         a saved checkpoint's logits against transformers' of
+                                         its export (``tools/export_hf.py --check``)
 """
 
 from __future__ import annotations
@@ -118,38 +121,40 @@ def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor,
     return gather_from_tensor_model_parallel_region(outputs[0]["logits"]).float().cpu()
 
 
-def _import_worker(rank: int, path: str, layouts: list[Layout], tokens: torch.Tensor,
+def _import_worker(rank: int, jobs: list[tuple[str, torch.Tensor]], layouts: list[Layout],
                    workdir: str) -> None:
     from megatron.core import parallel_state
 
     from megatron_patch.parallel_check.runner import job_for_layout
 
-    checkpoint = read_checkpoint(path)
-    for index, layout in enumerate(layouts):
-        init_model_parallel(layout, seed=0)
-        model = build_hf_gpt_model(checkpoint, job_for_layout(JobConfig(), layout))
-        load_hf_weights(model, checkpoint)
-        logits = megatron_logits(model, tokens, next(model.parameters()).device)
-        out = Path(workdir) / str(index)
-        if (logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
-                and parallel_state.get_data_parallel_rank() == 0):
-            out.mkdir(exist_ok=True)
-            torch.save(logits, out / LOGITS_FILE)
-        export_hf_weights(model, checkpoint, out / EXPORT_DIR)
-        dist.barrier()
+    for number, (path, tokens) in enumerate(jobs):
+        checkpoint = read_checkpoint(path)
+        for index, layout in enumerate(layouts):
+            init_model_parallel(layout, seed=0)
+            model = build_hf_gpt_model(checkpoint, job_for_layout(JobConfig(), layout))
+            load_hf_weights(model, checkpoint)
+            logits = megatron_logits(model, tokens, next(model.parameters()).device)
+            out = Path(workdir) / f"{number}_{index}"
+            if (logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+                    and parallel_state.get_data_parallel_rank() == 0):
+                out.mkdir(exist_ok=True)
+                torch.save(logits, out / LOGITS_FILE)
+            export_hf_weights(model, checkpoint, out / EXPORT_DIR)
+            dist.barrier()
 
 
-def run_import(path: str | Path, layouts: list[Layout], tokens: torch.Tensor, workdir: Path,
-               backend: str = "auto") -> list[tuple[torch.Tensor, Path]]:
-    """Import ``path`` under each of ``layouts`` (one world size: the same processes run them
-    in turn) and forward ``tokens``; returns per layout the logits and its export directory
-    (under ``workdir``)."""
+def run_import(jobs: list[tuple[str | Path, torch.Tensor]], layouts: list[Layout],
+               workdir: Path, backend: str = "auto") -> list[list[tuple[torch.Tensor, Path]]]:
+    """Import each checkpoint of ``jobs`` (path, token ids [b, s]) under each of ``layouts``
+    (one world size: the same processes run them all in turn) and forward its tokens; returns
+    per checkpoint, per layout, the logits and the export directory (under ``workdir``)."""
     sizes = {layout.world_size for layout in layouts}
     if len(sizes) != 1:
         raise ValueError(f"run_import: layouts of one world size, got {sorted(sizes)}")
-    spawn(_import_worker, sizes.pop(), str(path), layouts, tokens, str(workdir), backend=backend)
-    return [(torch.load(workdir / str(i) / LOGITS_FILE), workdir / str(i) / EXPORT_DIR)
-            for i in range(len(layouts))]
+    spawn(_import_worker, sizes.pop(), [(str(path), tokens) for path, tokens in jobs], layouts,
+          str(workdir), backend=backend)
+    return [[(torch.load(workdir / f"{n}_{i}" / LOGITS_FILE), workdir / f"{n}_{i}" / EXPORT_DIR)
+             for i in range(len(layouts))] for n in range(len(jobs))]
 
 
 def compare_export(source: str | Path, exported: str | Path) -> tuple[float, list[str], list[str]]:
@@ -171,21 +176,65 @@ def compare_export(source: str | Path, exported: str | Path) -> tuple[float, lis
     return worst, missing, extra
 
 
-def check_import(path: str | Path, layouts: list[Layout], *, batch: int = 2,
-                 seq_length: int = 16, seed: int = 0, backend: str = "auto") -> list[ImportResult]:
-    """Run the import check of ``path`` under each layout (see the module docstring)."""
-    checkpoint = read_checkpoint(path)  # unsupported checkpoints fail here, before any process
-    tokens = random_tokens(checkpoint.vocab_size, batch, seq_length, seed)
-    expected = reference_logits(path, tokens)
-    results: dict[Layout, ImportResult] = {}
+def check_imports(paths: list[str | Path], layouts: list[Layout], *, batch: int = 2,
+                  seq_length: int = 16, seed: int = 0,
+                  backend: str = "auto") -> list[list[ImportResult]]:
+    """Run the import check of each of ``paths`` under each layout (see the module docstring):
+    one set of processes per world size runs every checkpoint. Returns per path, per layout,
+    an ``ImportResult``."""
+    checkpoints = [read_checkpoint(path) for path in paths]  # unsupported ones fail here
+    tokens = [random_tokens(checkpoint.vocab_size, batch, seq_length, seed)
+              for checkpoint in checkpoints]
+    expected = [reference_logits(path, ids) for path, ids in zip(paths, tokens)]
+    results: dict[tuple[int, Layout], ImportResult] = {}
     for size in sorted({layout.world_size for layout in layouts}):
         group = [layout for layout in layouts if layout.world_size == size]
         with tempfile.TemporaryDirectory(prefix="hf_import_") as workdir:
-            outputs = run_import(path, group, tokens, Path(workdir), backend)
-            for layout, (logits, export) in zip(group, outputs):
-                export_diff, missing, extra = compare_export(path, export)
-                results[layout] = ImportResult(
-                    layout=layout, logit_diff=(logits - expected).abs().max().item(),
-                    logit_scale=expected.abs().max().item(), export_diff=export_diff,
-                    missing=missing, extra=extra)
-    return [results[layout] for layout in layouts]
+            outputs = run_import(list(zip(paths, tokens)), group, Path(workdir), backend)
+            for number, per_layout in enumerate(outputs):
+                for layout, (logits, export) in zip(group, per_layout):
+                    export_diff, missing, extra = compare_export(paths[number], export)
+                    results[number, layout] = ImportResult(
+                        layout=layout, logit_diff=(logits - expected[number]).abs().max().item(),
+                        logit_scale=expected[number].abs().max().item(),
+                        export_diff=export_diff, missing=missing, extra=extra)
+    return [[results[number, layout] for layout in layouts] for number in range(len(paths))]
+
+
+def check_import(path: str | Path, layouts: list[Layout], **options) -> list[ImportResult]:
+    """``check_imports`` of one checkpoint: one ``ImportResult`` per layout."""
+    return check_imports([path], layouts, **options)[0]
+
+
+def _saved_logits_worker(rank: int, load: str, tokens: torch.Tensor, out: str) -> None:
+    from megatron_patch.analysis.loading import (
+        analysis_job,
+        build_and_load_model,
+        checkpoint_job,
+        resolve_checkpoint,
+    )
+    from megatron_patch.data.tokenizer import load_tokenizer
+
+    where = resolve_checkpoint(load)
+    job, common = checkpoint_job(where)
+    job = analysis_job(job, 1, None)
+    init_model_parallel(Layout(), job.training.seed)
+    tokenizer = job.data.tokenizer_model
+    model = build_and_load_model(job, where, common, load_tokenizer(tokenizer).vocab_size,
+                                 tokenizer)
+    torch.save(megatron_logits(model, tokens, next(model.parameters()).device), out)
+
+
+def check_export(load: str | Path, exported: str | Path, *, batch: int = 2,
+                 seq_length: int = 16, seed: int = 0) -> tuple[float, float]:
+    """(max |megatron - transformers| logit difference, max |transformers logit|) between a
+    saved checkpoint ``load`` (its model in one process) and its Hugging Face export
+    ``exported``, for the same random token ids."""
+    checkpoint = read_checkpoint(exported)
+    tokens = random_tokens(checkpoint.vocab_size, batch, seq_length, seed)
+    expected = reference_logits(exported, tokens)
+    with tempfile.TemporaryDirectory(prefix="hf_export_check_") as workdir:
+        out = Path(workdir) / LOGITS_FILE
+        spawn(_saved_logits_worker, 1, str(load), tokens, str(out))
+        logits = torch.load(out)
+    return (logits - expected).abs().max().item(), expected.abs().max().item()
