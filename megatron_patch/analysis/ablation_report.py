@@ -80,7 +80,7 @@ def _setup_lines(agg: dict, setup: AblationSetup, variants: list[str]) -> list[s
     return lines
 
 
-def _machine_lines(machine: dict) -> list[str]:
+def machine_lines(machine: dict) -> list[str]:
     lines = [f"- CPU: {machine.get('cpu')}, {machine.get('cpu_affinity', machine.get('cpu_count'))}"
              f" cores available (os.cpu_count {machine.get('cpu_count')}), "
              f"OMP_NUM_THREADS={machine.get('OMP_NUM_THREADS')}"]
@@ -156,7 +156,7 @@ def _markdown(agg: dict, result: dict, setup: AblationSetup, variants: list[str]
               "", "Command:", "", "```bash", setup.command, "```", ""]
     if first.get("command"):
         lines += ["Each run (here the first one):", "", "```bash", first["command"], "```", ""]
-    lines += ["Machine:", "", *_machine_lines(result["machine"]),
+    lines += ["Machine:", "", *machine_lines(result["machine"]),
               "", "## Results (mean ± sample std over seeds)", "",
               "↓ / ↑: lower / higher is the direction the specialization losses aim for "
               "(definitions: docs/analysis.md). Analysis metrics are averaged over MoE layers.", "",

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_patch.training.lora import LoRALinear
+
 
 def _gather_by_expert(local: torch.Tensor, indices: list[int], dim: int,
                       group: Optional[dist.ProcessGroup]) -> torch.Tensor:
@@ -53,10 +55,15 @@ def all_expert_outputs(layer: MoELayer, hidden: torch.Tensor, chunk: int = 512) 
     return _gather_by_expert(local, list(layer.local_expert_indices), 1, _ep_group(layer))
 
 
+def _weight(linear: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight; a LoRA-adapted one's with its adapter merged in."""
+    return linear.merged_weight() if isinstance(linear, LoRALinear) else linear.weight
+
+
 def _local_weight_vectors(experts: torch.nn.Module, num_local: int, hidden: int) -> torch.Tensor:
     if hasattr(experts, "local_experts"):  # SequentialMLP
         return torch.stack([
-            torch.cat([expert.linear_fc1.weight.flatten(), expert.linear_fc2.weight.flatten()])
+            torch.cat([_weight(expert.linear_fc1).flatten(), _weight(expert.linear_fc2).flatten()])
             for expert in experts.local_experts
         ])
     if hasattr(experts, "linear_fc1") and hasattr(experts.linear_fc1, "weight0"):  # TEGroupedMLP

@@ -167,8 +167,9 @@ def run_analysis(opts: AnalysisOptions) -> dict:
     _, world, _ = world_from_environment()
     job = analysis_job(run_job, world, opts.micro_batch_size)
     tokenizer_model = opts.tokenizer_model or job.data.tokenizer_model
-    if not tokenizer_model or not Path(tokenizer_model).is_file():
-        raise AnalysisError(f"tokenizer model {tokenizer_model!r} not found; pass --tokenizer-model")
+    if not tokenizer_model or not Path(tokenizer_model).exists():
+        raise AnalysisError(f"tokenizer {tokenizer_model!r} not found (a sentencepiece model or a "
+                            "Hugging Face tokenizer directory); pass --tokenizer-model")
     prefix = opts.data_path or _default_prefix(run_job)
     try:
         layout = job.layout(world)
