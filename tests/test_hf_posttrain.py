@@ -143,9 +143,11 @@ def test_posttraining_bad_input_stops_before_any_work(tiny_hf, tmp_path):
     assert missing.returncode == 2 and "has no tokenizer.json" in missing.stderr
 
 
+@pytest.mark.slow
 def test_posttraining_on_instruction_data(tiny_hf, tmp_path):
     """Chat-rendered prompt/response records, the loss on the responses only (the masks are
-    checked in test_instructions.py), one process; the run trains and validates."""
+    checked in test_instructions.py), one process; the run trains and validates (slow: the
+    quick post-training study in make test trains on instruction data end to end too)."""
     from megatron_patch.data.instructions import preprocess_instructions
 
     source = tmp_path / "sft.jsonl"
@@ -209,6 +211,17 @@ def test_model_pretrained_here_exports_as_mixtral_with_its_logits(tiny_hf, tmp_p
     assert "ok (tolerance 0.0001)" in tool.stdout
     assert json.loads((export / "config.json").read_text())["model_type"] == "mixtral"
     _assert_generates(export)
+    # tools/evaluate.py --load exports the checkpoint itself, then scores it.
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"prompt": "def add(a, b):", "answer": "3"}) + "\n")
+    evaluated = subprocess.run([sys.executable, "tools/evaluate.py", "--load", str(save),
+                                "--tasks", str(tasks), "--output-dir", str(tmp_path / "eval"),
+                                "--max-new-tokens", "4", "--no-progress-bar"], cwd=REPO,
+                               env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["tasks"]["tasks"]["items"] == 1
+    assert (tmp_path / "eval" / "hf_export" / "config.json").is_file()
 
     refused = mixtral_refusals(JobConfig.from_flat({"normalization": "LayerNorm",
                                                     "tokenizer_model": "data/tokenizer.model"}))

@@ -179,6 +179,7 @@ class Study:
     def prepare_data(self) -> None:
         if (self.data / DONE).is_file():
             return
+        start = time.time()
         from megatron_patch.data.corpus import DEFAULT_CACHE_DIR, DOMAIN_NAMES, build_corpus
         from megatron_patch.data.instructions import preprocess_instructions
         from megatron_patch.data.preprocess import preprocess_jsonl
@@ -203,6 +204,7 @@ class Study:
             preprocess_instructions(self.suite / f"{split}.jsonl", str(self.data / f"sft_{split}"),
                                     str(self.tokenizer), self.posttrain_seq_length())
         self._write_analysis_text()
+        (self.data / "timing.json").write_text(json.dumps({"data_s": time.time() - start}))
         (self.data / DONE).write_text("")
 
     def posttrain_seq_length(self) -> int:
@@ -309,7 +311,6 @@ class Study:
                         print(f"[{variant} {mode} seed {seed}] done "
                               f"({time.time() - start:.0f} s)", flush=True)
                 write_study_report(self)  # refreshed after every seed
-            (self.runs / "study_s.txt").write_text(f"{time.time() - start:.0f}\n")
         return write_study_report(self)
 
 

@@ -57,6 +57,7 @@ def read_run(run: Path) -> Optional[dict]:
     tasks = evaluation["tasks"]
     out = {
         "accuracy": {task: score["accuracy"] for task, score in tasks.items()},
+        "items": {task: score["items"] for task, score in tasks.items()},
         "answer_loss": {task: score["answer_loss"] for task, score in tasks.items()},
         MEAN_ACCURACY: evaluation["overall"]["mean_task_accuracy"],
         "valid_loss": valid[-1] if valid else None,
@@ -110,7 +111,9 @@ def aggregate(study) -> dict:
                 stats[name][label] = _stat(values)
                 if variant == BASELINE:
                     continue
-                diffs = [_value(runs[s], key, task) - _value(base[s], key, task)
+                # Rounded: accuracies are fractions k / n, whose float differences would
+                # otherwise show as +-1e-17 where two runs got the same count.
+                diffs = [round(_value(runs[s], key, task) - _value(base[s], key, task), 12)
                          for s in study.setting.seeds if runs[s] is not None
                          and base[s] is not None and _value(runs[s], key, task) is not None
                          and _value(base[s], key, task) is not None]
@@ -134,6 +137,31 @@ def claim_verdict(claim: str, baseline_mean: float, diff: dict) -> str:
     if agree == n and (mean > 0) == (direction == "higher"):
         return f"holds ({agree}/{n} seeds)"
     return f"not seen ({agree}/{n} seeds {direction})"
+
+
+def _relative(diff: dict, baseline: dict) -> str:
+    """The mean paired difference of the mean accuracy relative to the baseline's, in %."""
+    base = baseline[MEAN_ACCURACY]["mean"]
+    if diff["n"] == 0 or not base:
+        return "n/a"
+    return f"{100 * diff['mean'] / base:+.1f}%"
+
+
+def _step_seconds(run: Optional[dict]) -> float:
+    return sum((run or {}).get(key) or 0.0 for key in ("train_s", "evaluation_and_analysis_s"))
+
+
+def compute_time_line(study, agg: dict) -> str:
+    """The study's time as the sum of its steps' own times (data, base model, every run with its
+    evaluation and analysis), so a study resumed after an interruption counts each step once."""
+    data = (_json(study.data / "timing.json") or {}).get("data_s")
+    base = _step_seconds(agg["base"])
+    runs = sum(_step_seconds(run) for run in agg["per_run"].values())
+    parts = [f"data {fmt(data, 3) if data is not None else 'n/a'} s", f"base model {base:.0f} s",
+             f"{len(agg['per_run'])} post-training runs {runs:.0f} s"]
+    total = (data or 0.0) + base + runs
+    return (f"Compute time: {total:.0f} s ({total / 3600:.2f} h) = " + " + ".join(parts)
+            + " (each step's own time: a resumed study counts every step once).")
 
 
 def _cell(stat: dict) -> str:
@@ -188,7 +216,13 @@ def _markdown(study, agg: dict, machine: dict, plots: list[str]) -> str:
         cells = [_cell(stats[name][f"accuracy/{t}"]) for t in tasks]
         lines.append(f"| {label} | {mode} | " + " | ".join(
             [*cells, _cell(stats[name][MEAN_ACCURACY])]) + " |")
-    lines += ["", f"## Accuracy differences to {BASELINE} (paired by seed; seeds with a gain)",
+    items = {t: (base or {}).get("items", {}).get(t) for t in tasks}
+    lines += ["", "Sampling noise: an accuracy p on n test items has a binomial standard error "
+              "sqrt(p (1 - p) / n), up to 0.05 for n = 100"
+              + (" (items per task: " + ", ".join(f"{t} {n}" for t, n in items.items() if n)
+                 + ")" if any(items.values()) else "") + "; the seed spread above adds training "
+              "noise.", ""]
+    lines += [f"## Accuracy differences to {BASELINE} (paired by seed; seeds with a gain)",
               "", head, rule]
     for name, label, mode in _rows(study):
         if name.startswith(f"{BASELINE}_"):
@@ -230,6 +264,10 @@ def _markdown(study, agg: dict, machine: dict, plots: list[str]) -> str:
             baseline = stats[f"{BASELINE}_{mode}"][claim]["mean"]
             cells += [claim_verdict(claim, baseline, paired[f"{v}_{mode}"][claim])
                       for v in study.variants if v != BASELINE]
+        if claim == MEAN_ACCURACY:
+            cells = [cell + f", {_relative(paired[f'{v}_{m}'][claim], stats[f'{BASELINE}_{m}'])}"
+                     for cell, (v, m) in zip(cells, [(v, m) for m in study.modes
+                                                     for v in study.variants if v != BASELINE])]
         label = SPEC_LABELS.get(claim, "mean test accuracy")
         lines.append(f"| {label} {direction} ({numbers}) | " + " | ".join(cells) + " |")
     coefficients = {name: run["coefficients"] for name, run in agg["per_run"].items()
@@ -238,10 +276,7 @@ def _markdown(study, agg: dict, machine: dict, plots: list[str]) -> str:
         lines += ["", "Coefficients calibrated at step 0 (`auto`): " + "; ".join(
             f"{name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in values.items())
             for name, values in sorted(coefficients.items())) + "."]
-    total = study.runs / "study_s.txt"
-    lines += ["", "## How it ran", "",
-              f"Whole study: {total.read_text().strip() if total.is_file() else 'n/a'} s "
-              "(data, base model, every run, evaluation and analysis). Per run (train; "
+    lines += ["", "## How it ran", "", compute_time_line(study, agg) + " Per run (train; "
               "evaluation + analysis): " + ", ".join(
                   f"{name} {fmt(run.get('train_s'), 3)}; {fmt(run.get('evaluation_and_analysis_s'), 2)} s"
                   for name, run in sorted(agg["per_run"].items())) + ".", "",
