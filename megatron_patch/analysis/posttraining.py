@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 DONE = "done"
+TIMING = "timing.json"  # a step's own seconds, next to its done marker
 ABLATION_PRESET = REPO / "examples" / "pretrain" / "configs" / "ablation_cpu.yaml"
 
 
@@ -204,7 +205,7 @@ class Study:
             preprocess_instructions(self.suite / f"{split}.jsonl", str(self.data / f"sft_{split}"),
                                     str(self.tokenizer), self.posttrain_seq_length())
         self._write_analysis_text()
-        (self.data / "timing.json").write_text(json.dumps({"data_s": time.time() - start}))
+        (self.data / TIMING).write_text(json.dumps({"data_s": time.time() - start}))
         (self.data / DONE).write_text("")
 
     def posttrain_seq_length(self) -> int:
@@ -289,7 +290,7 @@ class Study:
 
     @staticmethod
     def _timing(run: Path, start: float, trained: float) -> None:
-        (run / "timing.json").write_text(json.dumps(
+        (run / TIMING).write_text(json.dumps(
             {"train_s": trained - start, "evaluation_and_analysis_s": time.time() - trained}))
 
     # --- all of it -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from megatron_patch.analysis.ablation_report import machine_lines
 from megatron_patch.analysis.labels import LABELS
+from megatron_patch.analysis.posttraining import BASELINE, MODES, TIMING, VARIANTS
 from megatron_patch.analysis.reporting import finite_or_none, fmt, fmt_mean_std, mean_std, pyplot
 from megatron_patch.evaluation.report import RESULTS_JSON
 from megatron_patch.machine import machine_info
@@ -64,7 +65,7 @@ def read_run(run: Path) -> Optional[dict]:
         "coefficients": ({k: v for k, v in calibration[0].items()
                           if k not in ("split", "iteration")} if calibration else None),
         **{key: analysis["mean"].get(key) for key in SPECIALIZATION},
-        **(_json(run / "timing.json") or {}),
+        **(_json(run / TIMING) or {}),
     }
     commands = sorted(run.glob("*.command.txt"))
     out["commands"] = {p.name.removesuffix(".command.txt"): p.read_text().strip()
@@ -83,8 +84,6 @@ def _value(run: dict, key: str, task: Optional[str]) -> Optional[float]:
 
 def aggregate(study) -> dict:
     """Per-run numbers, mean/std per (variant, mode), paired differences to the baseline."""
-    from megatron_patch.analysis.posttraining import BASELINE
-
     per_run: dict[str, dict] = {}
     for variant in study.variants:
         for mode in study.modes:
@@ -113,10 +112,10 @@ def aggregate(study) -> dict:
                     continue
                 # Rounded: accuracies are fractions k / n, whose float differences would
                 # otherwise show as +-1e-17 where two runs got the same count.
-                diffs = [round(_value(runs[s], key, task) - _value(base[s], key, task), 12)
+                pairs = [(_value(runs[s], key, task), _value(base[s], key, task))
                          for s in study.setting.seeds if runs[s] is not None
-                         and base[s] is not None and _value(runs[s], key, task) is not None
-                         and _value(base[s], key, task) is not None]
+                         and base[s] is not None]
+                diffs = [round(x - y, 12) for x, y in pairs if x is not None and y is not None]
                 paired[name][label] = {**_stat(diffs), "positive": sum(d > 0 for d in diffs),
                                        "diffs": diffs}
     return {"tasks": tasks, "per_run": per_run, "stats": stats, "paired": paired,
@@ -139,12 +138,11 @@ def claim_verdict(claim: str, baseline_mean: float, diff: dict) -> str:
     return f"not seen ({agree}/{n} seeds {direction})"
 
 
-def _relative(diff: dict, baseline: dict) -> str:
-    """The mean paired difference of the mean accuracy relative to the baseline's, in %."""
-    base = baseline[MEAN_ACCURACY]["mean"]
-    if diff["n"] == 0 or not base:
+def _relative(diff: dict, baseline_mean: float) -> str:
+    """A mean paired difference relative to the baseline's mean, in %."""
+    if diff["n"] == 0 or not baseline_mean:
         return "n/a"
-    return f"{100 * diff['mean'] / base:+.1f}%"
+    return f"{100 * diff['mean'] / baseline_mean:+.1f}%"
 
 
 def _step_seconds(run: Optional[dict]) -> float:
@@ -154,7 +152,7 @@ def _step_seconds(run: Optional[dict]) -> float:
 def compute_time_line(study, agg: dict) -> str:
     """The study's time as the sum of its steps' own times (data, base model, every run with its
     evaluation and analysis), so a study resumed after an interruption counts each step once."""
-    data = (_json(study.data / "timing.json") or {}).get("data_s")
+    data = (_json(study.data / TIMING) or {}).get("data_s")
     base = _step_seconds(agg["base"])
     runs = sum(_step_seconds(run) for run in agg["per_run"].values())
     parts = [f"data {fmt(data, 3) if data is not None else 'n/a'} s", f"base model {base:.0f} s",
@@ -176,15 +174,11 @@ def _diff_cell(diff: dict) -> str:
 
 
 def _rows(study) -> list[tuple[str, str, str]]:
-    from megatron_patch.analysis.posttraining import MODES, VARIANTS
-
     return [(f"{v}_{m}", f"{v}: {VARIANTS[v].label}", MODES[m][0]) for m in study.modes
             for v in study.variants]
 
 
 def _markdown(study, agg: dict, machine: dict, plots: list[str]) -> str:
-    from megatron_patch.analysis.posttraining import BASELINE, MODES, VARIANTS
-
     tasks, stats, paired = agg["tasks"], agg["stats"], agg["paired"]
     setting = study.setting
     lines = [f"# Post-training study ({setting.name})", "",
@@ -250,24 +244,21 @@ def _markdown(study, agg: dict, machine: dict, plots: list[str]) -> str:
         if not name.startswith(f"{BASELINE}_"):
             lines.append(f"| {label} | {mode} | " + " | ".join(
                 _diff_cell(paired[name][k]) for k in SPECIALIZATION) + " |")
+    columns = [(v, m) for m in study.modes for v in study.variants if v != BASELINE]
     lines += ["", "## The paper's claims, checked", "",
               f"A claim holds when the paired difference to {BASELINE} goes the paper's way on "
               f"every seed (\"unchanged\": |mean difference| <= {UNCHANGED_FRACTION:g} x the "
               "baseline's mean).", "",
-              "| claim (paper) | " + " | ".join(f"{v} {m}" for m in study.modes
-                                               for v in study.variants if v != BASELINE) + " |",
-              "| --- | " + " | ".join(["---"] * (len(study.modes) * (len(study.variants) - 1)))
-              + " |"]
+              "| claim (paper) | " + " | ".join(f"{v} {m}" for v, m in columns) + " |",
+              "| --- | " + " | ".join(["---"] * len(columns)) + " |"]
     for claim, (direction, numbers) in CLAIMS.items():
         cells = []
-        for mode in study.modes:
+        for variant, mode in columns:
             baseline = stats[f"{BASELINE}_{mode}"][claim]["mean"]
-            cells += [claim_verdict(claim, baseline, paired[f"{v}_{mode}"][claim])
-                      for v in study.variants if v != BASELINE]
-        if claim == MEAN_ACCURACY:
-            cells = [cell + f", {_relative(paired[f'{v}_{m}'][claim], stats[f'{BASELINE}_{m}'])}"
-                     for cell, (v, m) in zip(cells, [(v, m) for m in study.modes
-                                                     for v in study.variants if v != BASELINE])]
+            diff = paired[f"{variant}_{mode}"][claim]
+            cell = claim_verdict(claim, baseline, diff)
+            cells.append(cell + f", {_relative(diff, baseline)}" if claim == MEAN_ACCURACY
+                         else cell)
         label = SPEC_LABELS.get(claim, "mean test accuracy")
         lines.append(f"| {label} {direction} ({numbers}) | " + " | ".join(cells) + " |")
     coefficients = {name: run["coefficients"] for name, run in agg["per_run"].items()
